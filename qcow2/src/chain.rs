@@ -1,0 +1,369 @@
+//! A backing chain: the top image and everything below it, opened read-only, mapped and read
+//! as one virtual disk.
+
+use crate::error::{Error, Result};
+use crate::format::header::MAGIC;
+use crate::image::{resolve_relative, Qcow2, Run};
+use crate::mapping::{Extent, ExtentKind};
+use crate::storage::{FileStorage, Storage};
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Longest chain we follow: generous for long incremental chains, finite for loops we miss.
+pub const MAX_CHAIN_DEPTH: usize = 4096;
+/// Guest bytes mapped per internal step (bounds the memory of one mapping call).
+pub const MAP_CHUNK: u64 = 256 << 20;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Qcow2,
+    Raw,
+}
+
+impl Format {
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Qcow2 => "qcow2",
+            Format::Raw => "raw",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Format> {
+        match s {
+            "qcow2" => Some(Format::Qcow2),
+            "raw" => Some(Format::Raw),
+            _ => None,
+        }
+    }
+}
+
+/// A raw image: guest offset = file offset.
+pub struct Raw {
+    path: String,
+    storage: Arc<dyn Storage>,
+    size: u64,
+}
+
+impl Raw {
+    pub fn open(path: &Path) -> Result<Raw> {
+        let display = path.display().to_string();
+        let s =
+            FileStorage::open(path, false).map_err(|e| Error::file(&display, "cannot open", e))?;
+        let size = s
+            .len()
+            .map_err(|e| Error::io(&display, "getting file length", 0, e))?;
+        Ok(Raw {
+            path: display,
+            storage: Arc::new(s),
+            size,
+        })
+    }
+
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
+    pub fn storage(&self) -> &Arc<dyn Storage> {
+        &self.storage
+    }
+}
+
+pub enum Layer {
+    Qcow2(Box<Qcow2>),
+    Raw(Raw),
+}
+
+impl Layer {
+    pub fn path(&self) -> &str {
+        match self {
+            Layer::Qcow2(q) => q.path(),
+            Layer::Raw(r) => &r.path,
+        }
+    }
+
+    pub fn virtual_size(&self) -> u64 {
+        match self {
+            Layer::Qcow2(q) => q.virtual_size(),
+            Layer::Raw(r) => r.size,
+        }
+    }
+
+    pub fn format(&self) -> Format {
+        match self {
+            Layer::Qcow2(_) => Format::Qcow2,
+            Layer::Raw(_) => Format::Raw,
+        }
+    }
+
+    pub fn as_qcow2(&self) -> Option<&Qcow2> {
+        match self {
+            Layer::Qcow2(q) => Some(q),
+            Layer::Raw(_) => None,
+        }
+    }
+
+    fn block_status(&self, guest: u64, max_len: u64) -> Result<(u64, Run)> {
+        match self {
+            Layer::Qcow2(q) => q.block_status(guest, max_len),
+            Layer::Raw(_) => Ok((max_len, Run::Data { host: guest })),
+        }
+    }
+
+    fn read_data(&self, buf: &mut [u8], host: u64) -> Result<()> {
+        match self {
+            Layer::Qcow2(q) => q.read_data(buf, host),
+            Layer::Raw(r) => r
+                .storage
+                .read_at(buf, host)
+                .map_err(|e| Error::io(&r.path, "reading data", host, e)),
+        }
+    }
+}
+
+/// Detects the format from the first bytes: qcow2 by its magic, anything else is raw.
+pub fn probe_format(path: &Path) -> Result<Format> {
+    let display = path.display().to_string();
+    let s = FileStorage::open(path, false).map_err(|e| Error::file(&display, "cannot open", e))?;
+    let mut magic = [0u8; 4];
+    s.read_at(&mut magic, 0)
+        .map_err(|e| Error::io(&display, "reading header", 0, e))?;
+    Ok(if u32::from_be_bytes(magic) == MAGIC {
+        Format::Qcow2
+    } else {
+        Format::Raw
+    })
+}
+
+pub struct Chain {
+    layers: Vec<Layer>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct OpenOptions {
+    /// The top image's format; probed when None.
+    pub format: Option<Format>,
+    /// Open only the top image (ignore its backing file).
+    pub no_backing: bool,
+}
+
+impl Chain {
+    /// Opens `path` and its whole backing chain, read-only.
+    pub fn open(path: &Path, opts: &OpenOptions) -> Result<Chain> {
+        let mut layers = Vec::new();
+        let mut seen = HashSet::new();
+        let mut next: Option<(PathBuf, Option<Format>)> = Some((path.to_path_buf(), opts.format));
+        while let Some((p, fmt)) = next.take() {
+            let canon = std::fs::canonicalize(&p)
+                .map_err(|e| Error::file(p.display().to_string(), "cannot open", e))?;
+            if !seen.insert(canon) {
+                return Err(Error::invalid(
+                    p.display().to_string(),
+                    "backing chain loop: this file is its own backing file",
+                ));
+            }
+            if layers.len() >= MAX_CHAIN_DEPTH {
+                return Err(Error::invalid(
+                    path.display().to_string(),
+                    format!("backing chain deeper than {MAX_CHAIN_DEPTH} images"),
+                ));
+            }
+            let fmt = match fmt {
+                Some(f) => f,
+                None => probe_format(&p)?,
+            };
+            let layer = match fmt {
+                Format::Raw => Layer::Raw(Raw::open(&p)?),
+                Format::Qcow2 => Layer::Qcow2(Box::new(Qcow2::open(&p)?)),
+            };
+            if let (Layer::Qcow2(q), false) = (&layer, opts.no_backing) {
+                if let Some(name) = &q.header().backing_file {
+                    if name.starts_with("json:") {
+                        return Err(Error::unsupported(
+                            q.path(),
+                            format!("backing file name {name:?} (json: pseudo-protocol)"),
+                        ));
+                    }
+                    let bfmt = match q.header().backing_format() {
+                        Some(f) => Some(Format::parse(f).ok_or_else(|| {
+                            Error::unsupported(q.path(), format!("backing file format {f:?}"))
+                        })?),
+                        None => None,
+                    };
+                    next = Some((resolve_relative(p.parent(), name), bfmt));
+                }
+            }
+            layers.push(layer);
+        }
+        Ok(Chain { layers })
+    }
+
+    pub fn from_layers(layers: Vec<Layer>) -> Result<Chain> {
+        if layers.is_empty() {
+            return Err(Error::Request("a chain needs at least one image".into()));
+        }
+        Ok(Chain { layers })
+    }
+
+    pub fn layers(&self) -> &[Layer] {
+        &self.layers
+    }
+
+    pub fn top(&self) -> &Layer {
+        &self.layers[0]
+    }
+
+    pub fn virtual_size(&self) -> u64 {
+        self.layers[0].virtual_size()
+    }
+
+    /// Maps `[start, start+len)` (clipped to the virtual size) into extents, merged where
+    /// they continue each other. Callers should map large disks piecewise (see
+    /// [`Chain::for_each_extent`]).
+    pub fn map(&self, start: u64, len: u64) -> Result<Vec<Extent>> {
+        let end = start.saturating_add(len).min(self.virtual_size());
+        let mut out: Vec<Extent> = Vec::new();
+        if start < end {
+            self.map_layer(0, start, end - start, &mut out)?;
+        }
+        Ok(out)
+    }
+
+    fn map_layer(
+        &self,
+        depth: usize,
+        mut off: u64,
+        mut len: u64,
+        out: &mut Vec<Extent>,
+    ) -> Result<()> {
+        let layer = &self.layers[depth];
+        while len > 0 {
+            let size = layer.virtual_size();
+            if off >= size {
+                // Past this backing file's end: zeros, resolved by the overlay above.
+                push_merged(
+                    out,
+                    Extent {
+                        start: off,
+                        len,
+                        depth: depth.saturating_sub(1),
+                        kind: ExtentKind::Unallocated,
+                    },
+                );
+                return Ok(());
+            }
+            let (n, run) = layer.block_status(off, len.min(size - off))?;
+            let n = n.min(len);
+            match run {
+                Run::Unallocated if depth + 1 < self.layers.len() => {
+                    self.map_layer(depth + 1, off, n, out)?;
+                }
+                _ => {
+                    let kind = match run {
+                        Run::Unallocated => ExtentKind::Unallocated,
+                        Run::Zero { host } => ExtentKind::Zero { host },
+                        Run::Data { host } => ExtentKind::Data { host },
+                        Run::Compressed {
+                            desc,
+                            offset_in_cluster,
+                        } => ExtentKind::Compressed {
+                            desc,
+                            offset_in_cluster,
+                        },
+                    };
+                    push_merged(
+                        out,
+                        Extent {
+                            start: off,
+                            len: n,
+                            depth,
+                            kind,
+                        },
+                    );
+                }
+            }
+            off += n;
+            len -= n;
+        }
+        Ok(())
+    }
+
+    /// Calls `f` for every extent of `[start, start+len)`, mapping piecewise so memory stays
+    /// bounded; extents are merged across the pieces.
+    pub fn for_each_extent(
+        &self,
+        start: u64,
+        len: u64,
+        mut f: impl FnMut(&Extent) -> Result<()>,
+    ) -> Result<()> {
+        let end = start.saturating_add(len).min(self.virtual_size());
+        let mut pending: Option<Extent> = None;
+        let mut off = start;
+        while off < end {
+            let n = MAP_CHUNK.min(end - off);
+            for e in self.map(off, n)? {
+                if pending.as_mut().is_some_and(|p| p.try_merge(&e)) {
+                    continue;
+                }
+                if let Some(p) = pending.replace(e) {
+                    f(&p)?;
+                }
+            }
+            off += n;
+        }
+        if let Some(p) = pending {
+            f(&p)?;
+        }
+        Ok(())
+    }
+
+    /// Reads the guest content of one extent (or the part `[from, from+buf.len())` of it).
+    pub fn read_extent(&self, e: &Extent, from: u64, buf: &mut [u8]) -> Result<()> {
+        debug_assert!(from >= e.start && from + buf.len() as u64 <= e.end());
+        let delta = from - e.start;
+        match e.kind {
+            ExtentKind::Zero { .. } | ExtentKind::Unallocated => {
+                buf.fill(0);
+                Ok(())
+            }
+            ExtentKind::Data { host } => self.layers[e.depth].read_data(buf, host + delta),
+            ExtentKind::Compressed {
+                desc,
+                offset_in_cluster,
+            } => {
+                let q = self.layers[e.depth]
+                    .as_qcow2()
+                    .ok_or_else(|| Error::Request("compressed extent in a raw layer".into()))?;
+                q.read_compressed(buf, desc, offset_in_cluster + delta)
+            }
+        }
+    }
+
+    /// Reads guest bytes at `offset`; the range must lie within the virtual size.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let len = buf.len() as u64;
+        if offset
+            .checked_add(len)
+            .is_none_or(|e| e > self.virtual_size())
+        {
+            return Err(Error::Request(format!(
+                "read of {len} bytes at {offset:#x} is past the end of the disk ({} bytes)",
+                self.virtual_size()
+            )));
+        }
+        for e in self.map(offset, len)? {
+            let s = (e.start - offset) as usize;
+            self.read_extent(&e, e.start, &mut buf[s..s + e.len as usize])?;
+        }
+        Ok(())
+    }
+}
+
+fn push_merged(out: &mut Vec<Extent>, e: Extent) {
+    if let Some(last) = out.last_mut() {
+        if last.try_merge(&e) {
+            return;
+        }
+    }
+    out.push(e);
+}

@@ -1,0 +1,21 @@
+//! A native qcow2 library: read and write qcow2 images and backing chains with the semantics
+//! of QEMU's qcow2 driver and qemu-img, with no QEMU installed.
+//!
+//! Layers: [`format`] (pure codecs) → [`storage`] (bytes) → [`image`] (one image) →
+//! [`chain`] (a backing chain as one disk) → [`ops`] (info, map, check, compare, convert).
+
+pub mod cache;
+pub mod chain;
+pub mod check;
+pub mod compress;
+pub mod error;
+pub mod format;
+pub mod image;
+pub mod mapping;
+pub mod ops;
+pub mod storage;
+
+pub use chain::{Chain, Format, Layer, OpenOptions};
+pub use error::{Error, Result};
+pub use image::Qcow2;
+pub use mapping::{Extent, ExtentKind};

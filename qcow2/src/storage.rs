@@ -1,0 +1,274 @@
+//! Where bytes live. Everything that touches a file goes through [`Storage`], so tests can use
+//! memory and fault-injecting backends.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::Path;
+use std::sync::RwLock;
+
+pub trait Storage: Send + Sync {
+    /// Fills `buf` from `offset`. Bytes past the end of the storage read as zeros (QEMU's
+    /// file driver zero-fills short reads, and images legitimately end mid-cluster).
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    fn len(&self) -> io::Result<u64>;
+    fn set_len(&self, len: u64) -> io::Result<()>;
+    fn flush(&self) -> io::Result<()>;
+    /// Bytes actually allocated on the host (st_blocks * 512), when known.
+    fn allocated_bytes(&self) -> Option<u64> {
+        None
+    }
+    /// Hint that a range is no longer needed (may punch a hole). Default: nothing.
+    fn discard(&self, _offset: u64, _len: u64) -> io::Result<()> {
+        Ok(())
+    }
+    fn is_empty(&self) -> io::Result<bool> {
+        Ok(self.len()? == 0)
+    }
+}
+
+/// A plain file, using positioned I/O so readers can share it.
+pub struct FileStorage {
+    file: File,
+    writable: bool,
+}
+
+impl FileStorage {
+    pub fn open(path: &Path, writable: bool) -> io::Result<Self> {
+        let file = OpenOptions::new().read(true).write(writable).open(path)?;
+        Ok(FileStorage { file, writable })
+    }
+
+    /// Creates a new file; fails if it exists.
+    pub fn create_new(path: &Path) -> io::Result<Self> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)?;
+        Ok(FileStorage {
+            file,
+            writable: true,
+        })
+    }
+
+    pub fn from_file(file: File, writable: bool) -> Self {
+        FileStorage { file, writable }
+    }
+
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    pub fn is_writable(&self) -> bool {
+        self.writable
+    }
+}
+
+impl Storage for FileStorage {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let mut done = 0;
+        while done < buf.len() {
+            match self.file.read_at(&mut buf[done..], offset + done as u64) {
+                Ok(0) => {
+                    buf[done..].fill(0);
+                    break;
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.file.write_all_at(buf, offset)
+    }
+
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.file.metadata()?.len())
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.file.set_len(len)
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        if self.writable {
+            self.file.sync_data()
+        } else {
+            Ok(())
+        }
+    }
+
+    fn allocated_bytes(&self) -> Option<u64> {
+        self.file.metadata().ok().map(|m| m.blocks() * 512)
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        use std::os::unix::io::AsRawFd;
+        // SAFETY: fallocate on a valid fd with plain integer arguments.
+        let rc = unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                offset as libc::off_t,
+                len as libc::off_t,
+            )
+        };
+        // Punching holes is only an optimisation: a filesystem that cannot do it is fine.
+        let _ = rc;
+        Ok(())
+    }
+}
+
+/// An in-memory storage, for tests and fuzzing.
+#[derive(Default)]
+pub struct MemStorage {
+    data: RwLock<Vec<u8>>,
+}
+
+impl MemStorage {
+    pub fn new(data: Vec<u8>) -> Self {
+        MemStorage {
+            data: RwLock::new(data),
+        }
+    }
+
+    pub fn into_inner(self) -> Vec<u8> {
+        self.data.into_inner().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn snapshot(&self) -> Vec<u8> {
+        self.data.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+impl Storage for MemStorage {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let data = self.data.read().unwrap_or_else(|e| e.into_inner());
+        let len = data.len() as u64;
+        if offset >= len {
+            buf.fill(0);
+            return Ok(());
+        }
+        let start = offset as usize;
+        let n = buf.len().min(data.len() - start);
+        buf[..n].copy_from_slice(&data[start..start + n]);
+        buf[n..].fill(0);
+        Ok(())
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let mut data = self.data.write().unwrap_or_else(|e| e.into_inner());
+        let end = offset
+            .checked_add(buf.len() as u64)
+            .filter(|&e| e <= (1u64 << 40))
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "write too far"))?;
+        if data.len() < end as usize {
+            data.resize(end as usize, 0);
+        }
+        data[offset as usize..end as usize].copy_from_slice(buf);
+        Ok(())
+    }
+
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.data.read().unwrap_or_else(|e| e.into_inner()).len() as u64)
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        if len > (1u64 << 40) {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "too large"));
+        }
+        self.data
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .resize(len as usize, 0);
+        Ok(())
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A new output file written under a temporary name in the destination's directory and
+/// renamed into place by [`PendingFile::commit`]; dropped uncommitted, it is removed.
+pub struct PendingFile {
+    tmp: std::path::PathBuf,
+    dest: std::path::PathBuf,
+    storage: Option<FileStorage>,
+    overwrite: bool,
+}
+
+impl PendingFile {
+    /// Fails if `dest` exists and `overwrite` is false.
+    pub fn create(dest: &Path, overwrite: bool) -> io::Result<PendingFile> {
+        if !overwrite && dest.symlink_metadata().is_ok() {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                "the output file exists (refusing to overwrite it)",
+            ));
+        }
+        let name = dest
+            .file_name()
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no file name"))?;
+        let mut tmp_name = std::ffi::OsString::from(".");
+        tmp_name.push(name);
+        tmp_name.push(format!(".tmp{}", std::process::id()));
+        let tmp = dest.with_file_name(tmp_name);
+        let _ = std::fs::remove_file(&tmp);
+        let storage = FileStorage::create_new(&tmp)?;
+        Ok(PendingFile {
+            tmp,
+            dest: dest.to_path_buf(),
+            storage: Some(storage),
+            overwrite,
+        })
+    }
+
+    pub fn storage(&self) -> &FileStorage {
+        self.storage
+            .as_ref()
+            .expect("pending file already committed")
+    }
+
+    pub fn tmp_path(&self) -> &Path {
+        &self.tmp
+    }
+
+    /// Flushes the data to disk and renames the file into place.
+    pub fn commit(mut self) -> io::Result<()> {
+        let s = self.storage.take().expect("pending file already committed");
+        s.file().sync_all()?;
+        drop(s);
+        if !self.overwrite && self.dest.symlink_metadata().is_ok() {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                "the output file appeared while writing (refusing to overwrite it)",
+            ));
+        }
+        std::fs::rename(&self.tmp, &self.dest)?;
+        if let Some(dir) = self.dest.parent() {
+            let dir = if dir.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                dir
+            };
+            if let Ok(d) = File::open(dir) {
+                let _ = d.sync_all();
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for PendingFile {
+    fn drop(&mut self) {
+        if self.storage.take().is_some() {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}

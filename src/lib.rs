@@ -1,0 +1,2 @@
+//! qmpbackup: live backups of QEMU VMs over QMP, and qmprestore: native restore of the
+//! backup chains. The qcow2 work is done by the `qcow2` crate.
