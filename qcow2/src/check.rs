@@ -343,7 +343,7 @@ impl Checker<'_> {
             }
             if active {
                 self.report.allocated_clusters += 1;
-                if next_contiguous != 0 && host != next_contiguous {
+                if next_contiguous != 0 && host != next_contiguous && !identity_zero {
                     self.report.fragmented_clusters += 1;
                 }
                 next_contiguous = host + self.cs;

@@ -207,7 +207,12 @@ impl Qcow2 {
         let first_unit = (guest - l1_index * l2_span) >> unit_bits;
         let unit_kind = |u: u64| -> Result<ClusterKind> {
             let e = self.l2_entry(&table, (u / units_per_cluster) as usize);
-            e.kind((u % units_per_cluster) as u32, cb, h.version >= 3)
+            e.kind(
+                (u % units_per_cluster) as u32,
+                cb,
+                h.version >= 3,
+                h.has_data_file(),
+            )
                 .map_err(|err| {
                     Error::invalid(
                         &self.path,
@@ -225,7 +230,7 @@ impl Qcow2 {
             ClusterKind::Unallocated => (Run::Unallocated, unit - in_unit),
             ClusterKind::Zero { host } => (
                 Run::Zero {
-                    host: host.map(|x| x + (guest & (h.cluster_size() - 1))),
+                    host: host.map(|x| x + in_unit),
                 },
                 unit - in_unit,
             ),

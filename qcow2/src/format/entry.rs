@@ -95,8 +95,15 @@ impl L2Entry {
     }
 
     /// The kind of subcluster `sub` (always 0 for standard entries), validating the entry.
-    /// `v3` says whether the ZERO flag exists; `cluster_bits` sizes subclusters.
-    pub fn kind(&self, sub: u32, cluster_bits: u32, v3: bool) -> Result<ClusterKind, FormatError> {
+    /// `v3` says whether the ZERO flag exists; `cluster_bits` sizes subclusters;
+    /// `data_file` makes host offset 0 with COPIED a valid (identity) mapping.
+    pub fn kind(
+        &self,
+        sub: u32,
+        cluster_bits: u32,
+        v3: bool,
+        data_file: bool,
+    ) -> Result<ClusterKind, FormatError> {
         if self.is_compressed() {
             return Ok(ClusterKind::Compressed(CompressedDesc::decode(
                 self.word,
@@ -117,7 +124,7 @@ impl L2Entry {
                         host: (host != 0).then_some(host),
                     });
                 }
-                Ok(if host == 0 {
+                Ok(if host == 0 && !(data_file && self.copied()) {
                     ClusterKind::Unallocated
                 } else {
                     ClusterKind::Data { host }
