@@ -12,8 +12,8 @@ use std::sync::Arc;
 
 /// Longest chain we follow: generous for long incremental chains, finite for loops we miss.
 pub const MAX_CHAIN_DEPTH: usize = 4096;
-/// Guest bytes mapped per internal step (bounds the memory of one mapping call).
-pub const MAP_CHUNK: u64 = 256 << 20;
+/// Extents collected per internal mapping step (bounds the memory of one mapping call).
+pub const MAP_BATCH: usize = 4096;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
@@ -218,15 +218,23 @@ impl Chain {
     }
 
     /// Maps `[start, start+len)` (clipped to the virtual size) into extents, merged where
-    /// they continue each other. Callers should map large disks piecewise (see
-    /// [`Chain::for_each_extent`]).
+    /// they continue each other. Large disks are better walked with
+    /// [`Chain::for_each_extent`], which bounds memory.
     pub fn map(&self, start: u64, len: u64) -> Result<Vec<Extent>> {
         let end = start.saturating_add(len).min(self.virtual_size());
-        let mut out: Vec<Extent> = Vec::new();
-        if start < end {
-            self.map_layer(0, start, end - start, &mut out)?;
+        let mut out = Vec::new();
+        let mut off = start;
+        while off < end {
+            off = self.map_batch(off, end - off, usize::MAX, &mut out)?;
         }
         Ok(out)
+    }
+
+    /// Maps from `start` until `len` bytes or about `limit` extents are covered; returns
+    /// the guest offset reached.
+    fn map_batch(&self, start: u64, len: u64, limit: usize, out: &mut Vec<Extent>) -> Result<u64> {
+        self.map_layer(0, start, len, limit, out)?;
+        Ok(out.last().map_or(start + len, |e| e.end()))
     }
 
     fn map_layer(
@@ -234,10 +242,11 @@ impl Chain {
         depth: usize,
         mut off: u64,
         mut len: u64,
+        limit: usize,
         out: &mut Vec<Extent>,
     ) -> Result<()> {
         let layer = &self.layers[depth];
-        while len > 0 {
+        while len > 0 && out.len() < limit {
             let size = layer.virtual_size();
             if off >= size {
                 // Past this backing file's end: zeros, resolved by the overlay above.
@@ -256,7 +265,10 @@ impl Chain {
             let n = n.min(len);
             match run {
                 Run::Unallocated if depth + 1 < self.layers.len() => {
-                    self.map_layer(depth + 1, off, n, out)?;
+                    self.map_layer(depth + 1, off, n, limit, out)?;
+                    if out.last().is_some_and(|e| e.end() < off + n) {
+                        return Ok(()); // the limit stopped the lower layer
+                    }
                 }
                 _ => {
                     let kind = match run {
@@ -288,8 +300,8 @@ impl Chain {
         Ok(())
     }
 
-    /// Calls `f` for every extent of `[start, start+len)`, mapping piecewise so memory stays
-    /// bounded; extents are merged across the pieces.
+    /// Calls `f` for every extent of `[start, start+len)` in order, mapping in batches so
+    /// memory stays bounded; extents are merged across batches.
     pub fn for_each_extent(
         &self,
         start: u64,
@@ -299,9 +311,11 @@ impl Chain {
         let end = start.saturating_add(len).min(self.virtual_size());
         let mut pending: Option<Extent> = None;
         let mut off = start;
+        let mut batch = Vec::with_capacity(MAP_BATCH);
         while off < end {
-            let n = MAP_CHUNK.min(end - off);
-            for e in self.map(off, n)? {
+            batch.clear();
+            off = self.map_batch(off, end - off, MAP_BATCH, &mut batch)?;
+            for e in batch.drain(..) {
                 if pending.as_mut().is_some_and(|p| p.try_merge(&e)) {
                     continue;
                 }
@@ -309,7 +323,6 @@ impl Chain {
                     f(&p)?;
                 }
             }
-            off += n;
         }
         if let Some(p) = pending {
             f(&p)?;

@@ -10,8 +10,7 @@ use crate::format::entry::{
 };
 use crate::format::refcount;
 use crate::format::snapshot;
-use crate::image::Qcow2;
-use byteorder::{BigEndian as BE, ByteOrder};
+use crate::image::{read_table, Qcow2};
 use serde::Serialize;
 use std::sync::Arc;
 
@@ -116,20 +115,15 @@ pub struct RefcountReader<'a> {
 impl<'a> RefcountReader<'a> {
     pub fn new(img: &'a Qcow2) -> Result<Self> {
         let h = img.header();
-        let n = (h.refcount_table_clusters as u64 * h.cluster_size() / 8) as usize;
-        let mut raw = vec![0u8; n * 8];
-        img.storage()
-            .read_at(&mut raw, h.refcount_table_offset)
-            .map_err(|e| {
-                Error::io(
-                    img.path(),
-                    "reading refcount table",
-                    h.refcount_table_offset,
-                    e,
-                )
-            })?;
-        let mut reftable = vec![0u64; n];
-        BE::read_u64_into(&raw, &mut reftable);
+        let n = h.refcount_table_clusters as u64 * h.cluster_size() / 8;
+        let reftable = read_table(
+            img.storage().as_ref(),
+            img.path(),
+            "reading refcount table",
+            h.refcount_table_offset,
+            n,
+            img.file_len()?,
+        )?;
         Ok(RefcountReader {
             img,
             reftable,
@@ -227,13 +221,15 @@ impl Checker<'_> {
             "snapshot L1 table"
         };
         self.inc(l1_offset, l1_size as u64 * 8, what);
-        let mut raw = vec![0u8; l1_size as usize * 8];
-        self.img
-            .storage()
-            .read_at(&mut raw, l1_offset)
-            .map_err(|e| Error::io(self.img.path(), "reading L1 table", l1_offset, e))?;
-        for i in 0..l1_size as usize {
-            let l1e = BE::read_u64(&raw[i * 8..]);
+        let l1 = read_table(
+            self.img.storage().as_ref(),
+            self.img.path(),
+            "reading L1 table",
+            l1_offset,
+            l1_size as u64,
+            self.nb_clusters << self.cb,
+        )?;
+        for (i, &l1e) in l1.iter().enumerate() {
             if l1e == 0 {
                 continue;
             }
@@ -332,7 +328,8 @@ impl Checker<'_> {
                     );
                 }
             }
-            if host == 0 {
+            let identity_zero = data_file && host == 0 && word & OFLAG_COPIED != 0;
+            if host == 0 && !identity_zero {
                 continue;
             }
             if !host.is_multiple_of(self.cs) {
@@ -422,14 +419,16 @@ pub fn check(img: &Qcow2) -> Result<CheckReport> {
                         continue;
                     }
                     c.inc(b.table_offset, tbytes, "bitmap table");
-                    let mut raw = vec![0u8; tbytes as usize];
-                    img.storage()
-                        .read_at(&mut raw, b.table_offset)
-                        .map_err(|e| {
-                            Error::io(img.path(), "reading bitmap table", b.table_offset, e)
-                        })?;
-                    for chunk in raw.chunks_exact(8) {
-                        let off = BE::read_u64(chunk) & L2E_OFFSET_MASK;
+                    let table = read_table(
+                        img.storage().as_ref(),
+                        img.path(),
+                        "reading bitmap table",
+                        b.table_offset,
+                        b.table_size as u64,
+                        file_len,
+                    )?;
+                    for e in table {
+                        let off = e & L2E_OFFSET_MASK;
                         if off != 0 {
                             c.inc(off, cs, "bitmap data");
                         }

@@ -72,14 +72,17 @@ impl Qcow2 {
             }
             _ => None,
         };
-        let mut l1 = vec![0u64; header.l1_size as usize];
-        if !l1.is_empty() {
-            let mut raw = vec![0u8; l1.len() * 8];
-            storage
-                .read_at(&mut raw, header.l1_table_offset)
-                .map_err(|e| Error::io(path, "reading L1 table", header.l1_table_offset, e))?;
-            BE::read_u64_into(&raw, &mut l1);
-        }
+        let file_len = storage
+            .len()
+            .map_err(|e| Error::io(path, "getting file length", 0, e))?;
+        let l1 = read_table(
+            storage.as_ref(),
+            path,
+            "reading L1 table",
+            header.l1_table_offset,
+            header.l1_size as u64,
+            file_len,
+        )?;
         let cache_entries = (DEFAULT_L2_CACHE_BYTES / header.cluster_size()).max(16) as usize;
         Ok(Qcow2 {
             path: path.to_string(),
@@ -131,7 +134,8 @@ impl Qcow2 {
         }
     }
 
-    /// Reads (through the cache) the L2 table at `offset`, as raw 64-bit words.
+    /// Reads (through the cache) the L2 table at `offset`, as raw 64-bit words. A table
+    /// past the end of the file reads as all zeros (unallocated), as QEMU would see it.
     pub fn l2_table(&self, offset: u64) -> Result<Arc<Vec<u64>>> {
         if let Some(t) = self.lock_l2().get(offset) {
             return Ok(t);
@@ -142,11 +146,15 @@ impl Qcow2 {
                 format!("L2 table offset {offset:#x} is not cluster aligned"),
             ));
         }
-        let mut raw = vec![0u8; self.cluster_size() as usize];
+        let words = (self.cluster_size() / 8) as usize;
+        if offset >= self.file_len()? {
+            return Ok(Arc::new(vec![0u64; words]));
+        }
+        let mut raw = vec![0u8; words * 8];
         self.storage
             .read_at(&mut raw, offset)
             .map_err(|e| Error::io(&self.path, "reading L2 table", offset, e))?;
-        let mut words = vec![0u64; raw.len() / 8];
+        let mut words = vec![0u64; words];
         BE::read_u64_into(&raw, &mut words);
         let t = Arc::new(words);
         self.lock_l2().insert(offset, t.clone());
@@ -367,6 +375,28 @@ impl Qcow2 {
             })?;
         bitmap::parse_directory(&dir, ext.nb_bitmaps).map_err(fmt_err(&self.path))
     }
+}
+
+/// Reads a table of big-endian u64 entries. Only the part inside the file is read and kept:
+/// entries past the end of the file are zero, so callers treat missing entries as 0. This
+/// bounds memory by the file's real size whatever the header claims.
+pub fn read_table(
+    storage: &dyn Storage,
+    path: &str,
+    what: &'static str,
+    offset: u64,
+    entries: u64,
+    file_len: u64,
+) -> Result<Vec<u64>> {
+    let in_file = file_len.saturating_sub(offset) / 8;
+    let n = entries.min(in_file) as usize;
+    let mut raw = vec![0u8; n * 8];
+    storage
+        .read_at(&mut raw, offset)
+        .map_err(|e| Error::io(path, what, offset, e))?;
+    let mut out = vec![0u64; n];
+    BE::read_u64_into(&raw, &mut out);
+    Ok(out)
 }
 
 /// Reads and parses cluster 0.

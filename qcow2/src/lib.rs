@@ -10,6 +10,7 @@ pub mod check;
 pub mod compress;
 pub mod error;
 pub mod format;
+pub mod fuzzing;
 pub mod image;
 pub mod mapping;
 pub mod ops;

@@ -139,16 +139,19 @@ impl L2Entry {
                 if self.word & OFLAG_ZERO != 0 {
                     bail_format!("invalid extended L2 entry: reserved zero bit set");
                 }
+                let sc_size = (1u64 << cluster_bits) / SUBCLUSTERS as u64;
+                let has_host = host != 0 || (data_file && self.copied());
                 if zero {
-                    return Ok(ClusterKind::Zero { host: None });
+                    return Ok(ClusterKind::Zero {
+                        host: has_host.then_some(host + sub as u64 * sc_size),
+                    });
                 }
                 if alloc {
-                    if host == 0 {
+                    if !has_host {
                         bail_format!(
                             "invalid extended L2 entry: allocated subcluster without host cluster"
                         );
                     }
-                    let sc_size = (1u64 << cluster_bits) / SUBCLUSTERS as u64;
                     return Ok(ClusterKind::Data {
                         host: host + sub as u64 * sc_size,
                     });
