@@ -51,12 +51,18 @@ fn build_images() -> Images {
     let qcow2 = dir.join("seq.qcow2");
     let raw = dir.join("seq.raw");
     let q = qcow2.to_str().unwrap();
-    sh("qemu-img", &["create", "-q", "-f", "qcow2", q, &size.to_string()]);
+    sh(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", q, &size.to_string()],
+    );
     sh(
         "qemu-io",
         &["-f", "qcow2", "-c", &format!("write -P 0x5a 0 {size}"), q],
     );
-    sh("qemu-img", &["convert", "-O", "raw", q, raw.to_str().unwrap()]);
+    sh(
+        "qemu-img",
+        &["convert", "-O", "raw", q, raw.to_str().unwrap()],
+    );
     Images {
         dir,
         qcow2,

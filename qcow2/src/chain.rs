@@ -380,3 +380,52 @@ fn push_merged(out: &mut Vec<Extent>, e: Extent) {
     }
     out.push(e);
 }
+
+/// Opens the backing chain an image names (None when it has no backing file).
+pub fn open_backing_of(img: &Qcow2) -> Result<Option<Chain>> {
+    let Some(name) = img.header().backing_file.clone() else {
+        return Ok(None);
+    };
+    let dir = Path::new(img.path()).parent();
+    let format = match img.header().backing_format() {
+        Some(f) => Some(
+            Format::parse(f)
+                .ok_or_else(|| Error::unsupported(img.path(), format!("backing format {f:?}")))?,
+        ),
+        None => None,
+    };
+    Chain::open(
+        &resolve_relative(dir, &name),
+        &OpenOptions {
+            format,
+            no_backing: false,
+        },
+    )
+    .map(Some)
+}
+
+impl Chain {
+    /// Index of the chain member `base` names, matched as qemu-img does: the backing name
+    /// stored in the image above it, literally, or the same file once both are resolved
+    /// against that image's directory.
+    pub fn find_member(&self, base: &str) -> Option<usize> {
+        for i in 1..self.layers.len() {
+            let above = &self.layers[i - 1];
+            let Some(q) = above.as_qcow2() else { continue };
+            if q.header().backing_file.as_deref() == Some(base) {
+                return Some(i);
+            }
+            let dir = Path::new(above.path()).parent();
+            let cand = resolve_relative(dir, base);
+            if let (Ok(a), Ok(b)) = (
+                std::fs::canonicalize(&cand),
+                std::fs::canonicalize(self.layers[i].path()),
+            ) {
+                if a == b {
+                    return Some(i);
+                }
+            }
+        }
+        None
+    }
+}

@@ -186,6 +186,17 @@ struct Checker<'a> {
     active_l1: Vec<(usize, u64)>,
     /// L2 entries of the active tables that own a host cluster, for the COPIED pass.
     active_data: Vec<u64>,
+    /// Clusters of the refcount table and blocks (a rebuild replaces them).
+    refcount_meta: Vec<u64>,
+}
+
+/// A check's report plus what a repair needs: the refcounts the metadata implies.
+pub struct CheckDetail {
+    pub report: CheckReport,
+    /// Computed refcount per cluster of the file (saturating).
+    pub computed: Vec<u16>,
+    /// Clusters holding the refcount table and blocks.
+    pub refcount_meta: Vec<u64>,
 }
 
 impl Checker<'_> {
@@ -357,6 +368,11 @@ impl Checker<'_> {
 /// Checks an image. Problems are counted in the report, not returned as errors; an `Err`
 /// means the check itself could not run (exit code 1).
 pub fn check(img: &Qcow2) -> Result<CheckReport> {
+    Ok(check_detailed(img)?.report)
+}
+
+/// [`check`] with the computed refcounts, for repair.
+pub fn check_detailed(img: &Qcow2) -> Result<CheckDetail> {
     let h = img.header().clone();
     let cs = h.cluster_size();
     let file_len = img.file_len()?;
@@ -376,6 +392,7 @@ pub fn check(img: &Qcow2) -> Result<CheckReport> {
         },
         active_l1: Vec::new(),
         active_data: Vec::new(),
+        refcount_meta: Vec::new(),
     };
 
     c.inc(0, cs, "header");
@@ -446,6 +463,9 @@ pub fn check(img: &Qcow2) -> Result<CheckReport> {
     // Refcount table and blocks.
     let reftable_bytes = h.refcount_table_clusters as u64 * cs;
     c.inc(h.refcount_table_offset, reftable_bytes, "refcount table");
+    for i in 0..h.refcount_table_clusters as u64 {
+        c.refcount_meta.push((h.refcount_table_offset >> c.cb) + i);
+    }
     let mut rc = RefcountReader::new(img)?;
     let reftable = rc.reftable().to_vec();
     let mut valid_blocks = Vec::new();
@@ -465,6 +485,7 @@ pub fn check(img: &Qcow2) -> Result<CheckReport> {
             continue;
         }
         c.inc(off, cs, "refcount block");
+        c.refcount_meta.push(off >> c.cb);
         valid_blocks.push((i as u64, off));
     }
     for &(i, off) in &valid_blocks {
@@ -553,5 +574,9 @@ pub fn check(img: &Qcow2) -> Result<CheckReport> {
             ));
         }
     }
-    Ok(c.report)
+    Ok(CheckDetail {
+        report: c.report,
+        computed: c.computed,
+        refcount_meta: c.refcount_meta,
+    })
 }

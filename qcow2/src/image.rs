@@ -33,13 +33,15 @@ pub enum Run {
 }
 
 pub struct Qcow2 {
-    path: String,
-    storage: Arc<dyn Storage>,
-    data_file: Option<Arc<dyn Storage>>,
-    header: Header,
-    l1: Vec<u64>,
-    l2_cache: Mutex<LruCache<Vec<u64>>>,
-    last_decompressed: Mutex<Option<(u64, Arc<Vec<u8>>)>>,
+    pub(crate) path: String,
+    pub(crate) storage: Arc<dyn Storage>,
+    pub(crate) data_file: Option<Arc<dyn Storage>>,
+    pub(crate) header: Header,
+    pub(crate) l1: Vec<u64>,
+    pub(crate) l2_cache: Mutex<LruCache<Vec<u64>>>,
+    pub(crate) last_decompressed: Mutex<Option<(u64, Arc<Vec<u8>>)>>,
+    /// Present when the image is open for writing.
+    pub(crate) rw: Option<Box<crate::write::RwState>>,
 }
 
 fn fmt_err(path: &str) -> impl Fn(FormatError) -> Error + '_ {
@@ -92,6 +94,7 @@ impl Qcow2 {
             l1,
             l2_cache: Mutex::new(LruCache::new(cache_entries)),
             last_decompressed: Mutex::new(None),
+            rw: None,
         })
     }
 
@@ -137,6 +140,9 @@ impl Qcow2 {
     /// Reads (through the cache) the L2 table at `offset`, as raw 64-bit words. A table
     /// past the end of the file reads as all zeros (unallocated), as QEMU would see it.
     pub fn l2_table(&self, offset: u64) -> Result<Arc<Vec<u64>>> {
+        if let Some(t) = self.rw.as_ref().and_then(|rw| rw.dirty_l2.get(&offset)) {
+            return Ok(t.clone());
+        }
         if let Some(t) = self.lock_l2().get(offset) {
             return Ok(t);
         }
@@ -161,7 +167,7 @@ impl Qcow2 {
         Ok(t)
     }
 
-    fn lock_l2(&self) -> std::sync::MutexGuard<'_, LruCache<Vec<u64>>> {
+    pub(crate) fn lock_l2(&self) -> std::sync::MutexGuard<'_, LruCache<Vec<u64>>> {
         self.l2_cache.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -221,16 +227,16 @@ impl Qcow2 {
                 h.version >= 3,
                 h.has_data_file(),
             )
-                .map_err(|err| {
-                    Error::invalid(
-                        &self.path,
-                        format!(
-                            "{} (L2 table at {l2_offset:#x}, guest offset {:#x})",
-                            err.0,
-                            l1_index * l2_span + (u << unit_bits)
-                        ),
-                    )
-                })
+            .map_err(|err| {
+                Error::invalid(
+                    &self.path,
+                    format!(
+                        "{} (L2 table at {l2_offset:#x}, guest offset {:#x})",
+                        err.0,
+                        l1_index * l2_span + (u << unit_bits)
+                    ),
+                )
+            })
         };
         let first = unit_kind(first_unit)?;
         let in_unit = guest & (unit - 1);

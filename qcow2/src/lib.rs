@@ -4,17 +4,23 @@
 //! Layers: [`format`] (pure codecs) → [`storage`] (bytes) → [`image`] (one image) →
 //! [`chain`] (a backing chain as one disk) → [`ops`] (info, map, check, compare, convert).
 
+pub mod alloc;
 pub mod cache;
 pub mod chain;
 pub mod check;
 pub mod compress;
+pub mod create;
 pub mod error;
 pub mod format;
 pub mod fuzzing;
 pub mod image;
+pub mod lock;
 pub mod mapping;
 pub mod ops;
+pub mod repair;
 pub mod storage;
+pub mod tree;
+pub mod write;
 
 pub use chain::{Chain, Format, Layer, OpenOptions};
 pub use error::{Error, Result};

@@ -199,13 +199,14 @@ impl Storage for MemStorage {
 pub struct PendingFile {
     tmp: std::path::PathBuf,
     dest: std::path::PathBuf,
-    storage: Option<FileStorage>,
     overwrite: bool,
+    done: bool,
 }
 
 impl PendingFile {
-    /// Fails if `dest` exists and `overwrite` is false.
-    pub fn create(dest: &Path, overwrite: bool) -> io::Result<PendingFile> {
+    /// Reserves a temporary name for `dest` (nothing is created yet). Fails if `dest`
+    /// exists and `overwrite` is false.
+    pub fn new(dest: &Path, overwrite: bool) -> io::Result<PendingFile> {
         if !overwrite && dest.symlink_metadata().is_ok() {
             return Err(io::Error::new(
                 io::ErrorKind::AlreadyExists,
@@ -220,30 +221,26 @@ impl PendingFile {
         tmp_name.push(format!(".tmp{}", std::process::id()));
         let tmp = dest.with_file_name(tmp_name);
         let _ = std::fs::remove_file(&tmp);
-        let storage = FileStorage::create_new(&tmp)?;
         Ok(PendingFile {
             tmp,
             dest: dest.to_path_buf(),
-            storage: Some(storage),
             overwrite,
+            done: false,
         })
     }
 
-    pub fn storage(&self) -> &FileStorage {
-        self.storage
-            .as_ref()
-            .expect("pending file already committed")
+    /// Creates the temporary file and opens it.
+    pub fn create_storage(&self) -> io::Result<FileStorage> {
+        FileStorage::create_new(&self.tmp)
     }
 
     pub fn tmp_path(&self) -> &Path {
         &self.tmp
     }
 
-    /// Flushes the data to disk and renames the file into place.
+    /// Flushes the file to disk and renames it into place.
     pub fn commit(mut self) -> io::Result<()> {
-        let s = self.storage.take().expect("pending file already committed");
-        s.file().sync_all()?;
-        drop(s);
+        File::open(&self.tmp)?.sync_all()?;
         if !self.overwrite && self.dest.symlink_metadata().is_ok() {
             return Err(io::Error::new(
                 io::ErrorKind::AlreadyExists,
@@ -251,15 +248,13 @@ impl PendingFile {
             ));
         }
         std::fs::rename(&self.tmp, &self.dest)?;
-        if let Some(dir) = self.dest.parent() {
-            let dir = if dir.as_os_str().is_empty() {
-                Path::new(".")
-            } else {
-                dir
-            };
-            if let Ok(d) = File::open(dir) {
-                let _ = d.sync_all();
-            }
+        self.done = true;
+        let dir = match self.dest.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        if let Ok(d) = File::open(dir) {
+            let _ = d.sync_all();
         }
         Ok(())
     }
@@ -267,7 +262,7 @@ impl PendingFile {
 
 impl Drop for PendingFile {
     fn drop(&mut self) {
-        if self.storage.take().is_some() {
+        if !self.done {
             let _ = std::fs::remove_file(&self.tmp);
         }
     }

@@ -14,7 +14,12 @@ fn matrix_compat_and_cluster_sizes() {
         for cs in [512u64, 4096, 65536, 2 * MIB] {
             let name = format!("c{compat}-{cs}.qcow2");
             let size = 8 * MIB;
-            create(d, &name, "8M", &format!("compat={compat},cluster_size={cs}"));
+            create(
+                d,
+                &name,
+                "8M",
+                &format!("compat={compat},cluster_size={cs}"),
+            );
             scatter_writes(d, &name, size);
             assert_all_match(d, &name);
         }
@@ -44,9 +49,18 @@ fn extended_l2_with_subcluster_writes_over_backing() {
         qemu_img(
             d,
             &[
-                "create", "-q", "-f", "qcow2", "-o",
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
                 &format!("extended_l2=on,cluster_size={cs}"),
-                "-b", "base.qcow2", "-F", "qcow2", &name, "4M",
+                "-b",
+                "base.qcow2",
+                "-F",
+                "qcow2",
+                &name,
+                "4M",
             ],
         );
         qemu_io(
@@ -67,7 +81,11 @@ fn extended_l2_with_subcluster_writes_over_backing() {
     }
     // Standalone extended-L2 image too.
     create(d, "ext-solo.qcow2", "3M", "extended_l2=on");
-    qemu_io(d, "ext-solo.qcow2", &["write -P 0x66 4k 4k", "write -z 100k 2k"]);
+    qemu_io(
+        d,
+        "ext-solo.qcow2",
+        &["write -P 0x66 4k 4k", "write -z 100k 2k"],
+    );
     assert_all_match(d, "ext-solo.qcow2");
 }
 
@@ -80,7 +98,12 @@ fn compressed_zlib_and_zstd() {
     qemu_io(
         d,
         "src.qcow2",
-        &["write -P 0x61 0 1M", "write -P 0x7a 1M 300k", "write -z 2M 1M", "write -P 0x01 5M 512k"],
+        &[
+            "write -P 0x61 0 1M",
+            "write -P 0x7a 1M 300k",
+            "write -z 2M 1M",
+            "write -P 0x01 5M 512k",
+        ],
     );
     for ctype in ["zlib", "zstd"] {
         for cs in ["512", "4k", "64k", "2M"] {
@@ -88,9 +111,14 @@ fn compressed_zlib_and_zstd() {
             qemu_img(
                 d,
                 &[
-                    "convert", "-c", "-O", "qcow2", "-o",
+                    "convert",
+                    "-c",
+                    "-O",
+                    "qcow2",
+                    "-o",
                     &format!("compression_type={ctype},cluster_size={cs}"),
-                    "src.qcow2", &name,
+                    "src.qcow2",
+                    &name,
                 ],
             );
             assert_all_match(d, &name);
@@ -98,12 +126,26 @@ fn compressed_zlib_and_zstd() {
     }
     // qemu-io write -c (ends mid-sector), refcount_bits=1 (no sharing of host clusters).
     create(d, "wc.qcow2", "1M", "refcount_bits=1,cluster_size=4k");
-    qemu_io(d, "wc.qcow2", &["write -c -P 0x42 0 4k", "write -c -P 0x43 8k 4k"]);
+    qemu_io(
+        d,
+        "wc.qcow2",
+        &["write -c -P 0x42 0 4k", "write -c -P 0x43 8k 4k"],
+    );
     assert_all_match(d, "wc.qcow2");
     // An odd-sized image whose last cluster is compressed (zero-padded).
     create(d, "odd-src.qcow2", "135168", "");
     qemu_io(d, "odd-src.qcow2", &["write -P 0x71 0 135168"]);
-    qemu_img(d, &["convert", "-c", "-O", "qcow2", "odd-src.qcow2", "odd-c.qcow2"]);
+    qemu_img(
+        d,
+        &[
+            "convert",
+            "-c",
+            "-O",
+            "qcow2",
+            "odd-src.qcow2",
+            "odd-c.qcow2",
+        ],
+    );
     assert_all_match(d, "odd-c.qcow2");
 }
 
@@ -117,14 +159,48 @@ fn three_deep_chain_relative_names_top_larger() {
     // mid lives in a/, names ../base.qcow2 relative to its own directory
     qemu_img(
         d,
-        &["create", "-q", "-f", "qcow2", "-b", "../base.qcow2", "-F", "qcow2", "a/mid.qcow2", "3M"],
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "../base.qcow2",
+            "-F",
+            "qcow2",
+            "a/mid.qcow2",
+            "3M",
+        ],
     );
-    qemu_io(d, "a/mid.qcow2", &["write -P 0x22 1M 1536k", "write -z 0 64k"]);
+    qemu_io(
+        d,
+        "a/mid.qcow2",
+        &["write -P 0x22 1M 1536k", "write -z 0 64k"],
+    );
     qemu_img(
         d,
-        &["create", "-q", "-f", "qcow2", "-b", "../mid.qcow2", "-F", "qcow2", "a/b/top.qcow2", "5M"],
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "../mid.qcow2",
+            "-F",
+            "qcow2",
+            "a/b/top.qcow2",
+            "5M",
+        ],
     );
-    qemu_io(d, "a/b/top.qcow2", &["write -P 0x33 1800k 1M", "write -P 0x44 4M 100k", "discard 1M 64k"]);
+    qemu_io(
+        d,
+        "a/b/top.qcow2",
+        &[
+            "write -P 0x33 1800k 1M",
+            "write -P 0x44 4M 100k",
+            "discard 1M 64k",
+        ],
+    );
     assert_all_match(d, "a/b/top.qcow2");
     assert_all_match(d, "a/mid.qcow2");
 }
@@ -137,7 +213,20 @@ fn v2_chain_and_raw_backing() {
     qemu_io(d, "b2.qcow2", &["write -P 0x11 0 1M"]);
     qemu_img(
         d,
-        &["create", "-q", "-f", "qcow2", "-o", "compat=0.10", "-b", "b2.qcow2", "-F", "qcow2", "t2.qcow2", "2M"],
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "compat=0.10",
+            "-b",
+            "b2.qcow2",
+            "-F",
+            "qcow2",
+            "t2.qcow2",
+            "2M",
+        ],
     );
     qemu_io(d, "t2.qcow2", &["write -P 0x22 512k 64k", "write -z 0 64k"]);
     assert_all_match(d, "t2.qcow2");
@@ -145,7 +234,18 @@ fn v2_chain_and_raw_backing() {
     std::fs::write(d.join("base.raw"), vec![0x5au8; 1 << 20]).unwrap();
     qemu_img(
         d,
-        &["create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", "over-raw.qcow2", "2M"],
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.raw",
+            "-F",
+            "raw",
+            "over-raw.qcow2",
+            "2M",
+        ],
     );
     qemu_io(d, "over-raw.qcow2", &["write -P 0x22 512k 64k"]);
     assert_read_matches(d, "over-raw.qcow2");
@@ -163,7 +263,18 @@ fn backing_without_format_is_probed() {
     qemu_io(d, "top.qcow2", &["write -P 0x22 0 64k"]);
     // -u with -F then strip the format extension by hand is fiddly; use rebase -u with a
     // format and check probing separately on a raw-vs-qcow2 basis.
-    qemu_img(d, &["rebase", "-u", "-b", "base.qcow2", "-F", "qcow2", "top.qcow2"]);
+    qemu_img(
+        d,
+        &[
+            "rebase",
+            "-u",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            "top.qcow2",
+        ],
+    );
     assert_all_match(d, "top.qcow2");
 }
 
@@ -192,7 +303,13 @@ fn discards_and_unmapping_zero_writes() {
     qemu_io(
         d,
         "dz.qcow2",
-        &["write -P 0x11 0 4M", "discard 64k 128k", "write -z -u 1M 256k", "write -z 2M 64k", "write -z 3M 1k"],
+        &[
+            "write -P 0x11 0 4M",
+            "discard 64k 128k",
+            "write -z -u 1M 256k",
+            "write -z 2M 64k",
+            "write -z 3M 1k",
+        ],
     );
     assert_all_match(d, "dz.qcow2");
 }
@@ -202,10 +319,23 @@ fn external_data_file_plain_and_raw() {
     let s = Scratch::new();
     let d = s.dir.path();
     create(d, "ext.qcow2", "2M", "data_file=ext.data");
-    qemu_io(d, "ext.qcow2", &["write -P 0x11 64k 128k", "write -z 1M 64k"]);
+    qemu_io(
+        d,
+        "ext.qcow2",
+        &["write -P 0x11 64k 128k", "write -z 1M 64k"],
+    );
     assert_all_match(d, "ext.qcow2");
-    create(d, "extraw.qcow2", "2M", "data_file=extraw.data,data_file_raw=on");
-    qemu_io(d, "extraw.qcow2", &["write -P 0x22 0 64k", "write -P 0x23 1M 4k"]);
+    create(
+        d,
+        "extraw.qcow2",
+        "2M",
+        "data_file=extraw.data,data_file_raw=on",
+    );
+    qemu_io(
+        d,
+        "extraw.qcow2",
+        &["write -P 0x22 0 64k", "write -P 0x23 1M 4k"],
+    );
     assert_all_match(d, "extraw.qcow2");
 }
 
@@ -220,7 +350,15 @@ fn lazy_refcounts_clean_and_crashed() {
     // qemu-io is killed after the write: the dirty bit stays set, data refcounts are 0.
     let _ = qemu_io_raw_args(
         d,
-        &["-f", "qcow2", "-c", "write -P 0x22 0 128k", "-c", "sigraise 9", "crashed.qcow2"],
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0x22 0 128k",
+            "-c",
+            "sigraise 9",
+            "crashed.qcow2",
+        ],
     );
     assert_read_matches(d, "crashed.qcow2");
     assert_info_matches(d, "crashed.qcow2");
@@ -233,7 +371,11 @@ fn odd_virtual_size_and_empty_large_image() {
     let s = Scratch::new();
     let d = s.dir.path();
     create(d, "odd.qcow2", "1000000", "");
-    qemu_io(d, "odd.qcow2", &["write -P 0x77 0 64k", "write -P 0x78 999936 512"]);
+    qemu_io(
+        d,
+        "odd.qcow2",
+        &["write -P 0x77 0 64k", "write -P 0x78 999936 512"],
+    );
     assert_all_match(d, "odd.qcow2");
     create(d, "odd512.qcow2", "100000", "cluster_size=512");
     qemu_io(d, "odd512.qcow2", &["write -P 0x79 99840 512"]);

@@ -2,7 +2,11 @@
 //! qemu-img. Argument parsing, wiring and exit codes only.
 
 use clap::{Parser, Subcommand, ValueEnum};
-use qcow2::ops::{compare, convert, info, map};
+use qcow2::create::{self, parse_size, CreateOptions};
+use qcow2::ops::{commit, compare, convert, info, map, rebase};
+use qcow2::repair::{self, RepairMode};
+use qcow2::write::OpenRwOptions;
+use qcow2::Qcow2;
 use qcow2::{check, Chain, Format, OpenOptions};
 use std::io::Write;
 use std::path::PathBuf;
@@ -23,6 +27,12 @@ struct Cli {
 enum Output {
     Human,
     Json,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Repair {
+    Leaks,
+    All,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -73,6 +83,59 @@ enum Command {
     Check {
         #[arg(long, value_enum, default_value = "human")]
         output: Output,
+        /// Repair: `leaks` lowers refcounts that are too high; `all` also rebuilds refcounts
+        /// that are too low and fixes COPIED flags (then clears the dirty/corrupt bits).
+        #[arg(short = 'r', long = "repair", value_enum)]
+        repair: Option<Repair>,
+        file: PathBuf,
+    },
+    /// Write an image's data into its backing file (or into BASE further down the chain).
+    ///
+    /// The base grows if the image is larger; zero clusters become zeros in the base.
+    /// Without -d and -b the image is emptied afterwards (it then reads through to the
+    /// base). Example: qcow2 commit inc1.qcow2; qcow2 commit -b full.qcow2 inc3.qcow2
+    Commit {
+        /// Chain member to commit into (name as stored in the image above it, or a path
+        /// relative to that image's directory). Implies -d.
+        #[arg(short = 'b')]
+        base: Option<String>,
+        /// Leave the image unchanged after the commit.
+        #[arg(short = 'd')]
+        drop: bool,
+        /// Limit the copy to this many bytes per second (K/M/G suffixes).
+        #[arg(long)]
+        rate_limit: Option<String>,
+        file: PathBuf,
+    },
+    /// Change an image's backing file.
+    ///
+    /// Safe mode (default) first copies into FILE every cluster that reads differently
+    /// through the old and the new backing, so FILE's content is unchanged. -u changes only
+    /// the reference. -b "" removes the backing file.
+    /// Example: qcow2 rebase -u -b full.qcow2 -F qcow2 inc1.qcow2
+    Rebase {
+        #[arg(short = 'u')]
+        unsafe_mode: bool,
+        #[arg(short = 'b')]
+        backing: String,
+        #[arg(short = 'F', value_enum)]
+        backing_format: Option<Fmt>,
+        file: PathBuf,
+    },
+    /// List, create, apply or delete internal snapshots (disk only).
+    ///
+    /// Example: qcow2 snapshot -c before-upgrade disk.qcow2; qcow2 snapshot -l disk.qcow2
+    Snapshot {
+        #[arg(short = 'l', group = "action")]
+        list: bool,
+        #[arg(short = 'c', group = "action", value_name = "NAME")]
+        create: Option<String>,
+        /// Revert the disk to a snapshot (ID or name).
+        #[arg(short = 'a', group = "action", value_name = "NAME")]
+        apply: Option<String>,
+        /// Delete the first snapshot with this name.
+        #[arg(short = 'd', group = "action", value_name = "NAME")]
+        delete: Option<String>,
         file: PathBuf,
     },
     /// Compare the guest contents of two disks (or chains).
@@ -89,9 +152,12 @@ enum Command {
         a: PathBuf,
         b: PathBuf,
     },
-    /// Flatten a disk (the whole backing chain) into a new file.
+    /// Flatten a disk (the whole backing chain) into a new standalone file.
     ///
-    /// Example: qcow2 convert -O raw disk.qcow2 disk.raw
+    /// Unallocated and zero ranges stay unallocated (raw: holes). The output is written
+    /// under a temporary name and renamed when complete.
+    /// Examples: qcow2 convert -O raw disk.qcow2 disk.raw;
+    /// qcow2 convert -c -O qcow2 -o compression_type=zstd inc3.qcow2 flat.qcow2
     Convert {
         /// Source format (probed when omitted).
         #[arg(short = 'f', value_enum)]
@@ -99,11 +165,39 @@ enum Command {
         /// Output format.
         #[arg(short = 'O', value_enum)]
         output_format: Fmt,
+        /// Compress every data cluster (qcow2 output).
+        #[arg(short = 'c')]
+        compress: bool,
+        /// Output options, as for create (qcow2 output).
+        #[arg(short = 'o')]
+        options: Option<String>,
         /// Replace DST if it exists.
         #[arg(long)]
         force: bool,
         src: PathBuf,
         dst: PathBuf,
+    },
+    /// Create a new image.
+    ///
+    /// Defaults as qemu-img: qcow2 v3 (compat=1.1), 64 KiB clusters, 16-bit refcounts,
+    /// zlib. SIZE takes K, M, G, T suffixes; with -b it defaults to the backing size.
+    /// Example: qcow2 create -f qcow2 -o cluster_size=128k disk.qcow2 10G;
+    /// qcow2 create -f qcow2 -b base.qcow2 -F qcow2 overlay.qcow2
+    Create {
+        #[arg(short = 'f', value_enum, default_value = "qcow2")]
+        format: Fmt,
+        /// cluster_size=, compat=0.10|1.1, lazy_refcounts=on|off, refcount_bits=,
+        /// extended_l2=on|off, compression_type=zlib|zstd (comma-separated).
+        #[arg(short = 'o')]
+        options: Option<String>,
+        /// Backing file (stored as given; relative names are relative to FILE's directory).
+        #[arg(short = 'b')]
+        backing: Option<String>,
+        /// Backing file format.
+        #[arg(short = 'F', value_enum)]
+        backing_format: Option<Fmt>,
+        file: PathBuf,
+        size: Option<String>,
     },
 }
 
@@ -158,7 +252,42 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Output::Human => map::write_human(&chain, &mut out)?,
             }
         }
-        Command::Check { output, file } => {
+        Command::Check {
+            output,
+            repair: Some(mode),
+            file,
+        } => {
+            let mode = match mode {
+                Repair::Leaks => RepairMode::Leaks,
+                Repair::All => RepairMode::All,
+            };
+            let r = repair::repair(&file, mode)?;
+            for m in &r.before.messages {
+                eprintln!("{m}");
+            }
+            let mut after = r.after.clone();
+            after.leaks_fixed = r.leaks_fixed;
+            after.corruptions_fixed = r.corruptions_fixed;
+            match output {
+                Output::Json => writeln!(out, "{}", serde_json::to_string_pretty(&after)?)?,
+                Output::Human => {
+                    if r.leaks_fixed > 0 || r.corruptions_fixed > 0 {
+                        writeln!(
+                            out,
+                            "The following inconsistencies were found and repaired:\n\n    {} leaked clusters\n    {} corruptions\n\nDouble checking the fixed image now...",
+                            r.leaks_fixed, r.corruptions_fixed
+                        )?;
+                    }
+                    write!(out, "{}", after.human())?;
+                }
+            }
+            return Ok(ExitCode::from(after.exit_code() as u8));
+        }
+        Command::Check {
+            output,
+            repair: None,
+            file,
+        } => {
             let chain = Chain::open(
                 &file,
                 &OpenOptions {
@@ -218,6 +347,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Convert {
             format,
             output_format,
+            compress,
+            options,
             force,
             src,
             dst,
@@ -225,9 +356,152 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let chain = open(&src, format)?;
             match output_format {
                 Fmt::Raw => {
+                    if compress || options.is_some() {
+                        anyhow::bail!("-c and -o apply to qcow2 output only");
+                    }
                     convert::to_raw(&chain, &dst, force)?;
                 }
-                Fmt::Qcow2 => anyhow::bail!("convert -O qcow2 is not implemented yet; use -O raw"),
+                Fmt::Qcow2 => {
+                    let mut create = CreateOptions::default();
+                    if let Some(o) = &options {
+                        create.apply_list(o)?;
+                    }
+                    convert::to_qcow2(
+                        &chain,
+                        &dst,
+                        &convert::Qcow2ConvertOptions {
+                            create,
+                            compress,
+                            overwrite: force,
+                        },
+                    )?;
+                }
+            }
+        }
+        Command::Commit {
+            base,
+            drop,
+            rate_limit,
+            file,
+        } => {
+            let rate_limit = match rate_limit {
+                Some(r) => parse_size(&r).ok_or_else(|| anyhow::anyhow!("invalid rate {r:?}"))?,
+                None => 0,
+            };
+            commit::commit(
+                &file,
+                &commit::CommitOptions {
+                    base,
+                    drop,
+                    rate_limit,
+                },
+            )?;
+            writeln!(out, "Image committed.")?;
+        }
+        Command::Rebase {
+            unsafe_mode,
+            backing,
+            backing_format,
+            file,
+        } => {
+            rebase::rebase(
+                &file,
+                &rebase::RebaseOptions {
+                    backing,
+                    format: backing_format.map(Into::into),
+                    unsafe_mode,
+                },
+            )?;
+        }
+        Command::Snapshot {
+            list,
+            create,
+            apply,
+            delete,
+            file,
+        } => {
+            if let Some(name) = create {
+                let mut img = Qcow2::open_rw(&file, OpenRwOptions::default())?;
+                img.snapshot_create(&name)?;
+            } else if let Some(name) = apply {
+                let mut img = Qcow2::open_rw(&file, OpenRwOptions::default())?;
+                img.snapshot_apply(&name)?;
+            } else if let Some(name) = delete {
+                let mut img = Qcow2::open_rw(&file, OpenRwOptions::default())?;
+                img.snapshot_delete(&name)?;
+            } else {
+                let _ = list;
+                let chain = Chain::open(
+                    &file,
+                    &OpenOptions {
+                        format: Some(Format::Qcow2),
+                        no_backing: true,
+                    },
+                )?;
+                let i = info::layer_info(&chain, 0)?;
+                if !i.snapshots.is_empty() {
+                    write!(
+                        out,
+                        "Snapshot list:\n{}",
+                        info::snapshot_table(&i.snapshots)
+                    )?;
+                }
+            }
+        }
+        Command::Create {
+            format,
+            options,
+            backing,
+            backing_format,
+            file,
+            size,
+        } => {
+            let mut opts = CreateOptions::default();
+            if let Some(o) = &options {
+                opts.apply_list(o)?;
+            }
+            let size = match &size {
+                Some(s) => {
+                    Some(parse_size(s).ok_or_else(|| anyhow::anyhow!("invalid size {s:?}"))?)
+                }
+                None => None,
+            };
+            match format {
+                Fmt::Raw => {
+                    if backing.is_some() {
+                        anyhow::bail!("raw images cannot have a backing file");
+                    }
+                    let size = size.ok_or_else(|| anyhow::anyhow!("a size is needed"))?;
+                    let f = std::fs::OpenOptions::new()
+                        .write(true)
+                        .create_new(true)
+                        .open(&file)
+                        .map_err(|e| anyhow::anyhow!("{}: cannot create: {e}", file.display()))?;
+                    f.set_len(size)?;
+                }
+                Fmt::Qcow2 => {
+                    if let Some(b) = &backing {
+                        let dir = file.parent();
+                        let resolved = qcow2::image::resolve_relative(dir, b);
+                        let bfmt = match backing_format {
+                            Some(f) => Format::from(f),
+                            None => qcow2::chain::probe_format(&resolved)?,
+                        };
+                        let bchain = Chain::open(
+                            &resolved,
+                            &OpenOptions {
+                                format: Some(bfmt),
+                                no_backing: false,
+                            },
+                        )?;
+                        opts.size = size.unwrap_or(bchain.virtual_size());
+                        opts.backing = Some((b.clone(), bfmt.name().to_string()));
+                    } else {
+                        opts.size = size.ok_or_else(|| anyhow::anyhow!("a size is needed"))?;
+                    }
+                    let mut img = create::create_qcow2(&file, &opts)?;
+                    img.flush()?;
+                }
             }
         }
     }

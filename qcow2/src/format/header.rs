@@ -371,7 +371,9 @@ impl Header {
                 self.refcount_table_clusters
             );
         }
-        if !self.refcount_table_offset.is_multiple_of(cs) || self.refcount_table_offset > MAX_HOST_OFFSET {
+        if !self.refcount_table_offset.is_multiple_of(cs)
+            || self.refcount_table_offset > MAX_HOST_OFFSET
+        {
             bail_format!(
                 "refcount table offset {:#x} is invalid",
                 self.refcount_table_offset
@@ -381,7 +383,8 @@ impl Header {
             bail_format!("too many snapshots: {}", self.nb_snapshots);
         }
         if self.nb_snapshots > 0
-            && (!self.snapshots_offset.is_multiple_of(cs) || self.snapshots_offset > MAX_HOST_OFFSET)
+            && (!self.snapshots_offset.is_multiple_of(cs)
+                || self.snapshots_offset > MAX_HOST_OFFSET)
         {
             bail_format!(
                 "snapshot table offset {:#x} is invalid",

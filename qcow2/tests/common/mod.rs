@@ -88,12 +88,21 @@ pub fn assert_read_matches(dir: &Path, file: &str) {
     let mut ours = vec![0u8; expected.len()];
     chain.read_at(&mut ours, 0).expect("our read");
     if ours != expected {
-        let i = ours.iter().zip(&expected).position(|(a, b)| a != b).unwrap();
+        let i = ours
+            .iter()
+            .zip(&expected)
+            .position(|(a, b)| a != b)
+            .unwrap();
         panic!("{file}: our read differs from qemu-img at byte {i:#x}");
     }
     // Reads at odd offsets and lengths agree too.
     let len = expected.len();
-    for (off, n) in [(1usize, 1000usize), (511, 5000), (len / 3, 70000), (len.saturating_sub(777), 777)] {
+    for (off, n) in [
+        (1usize, 1000usize),
+        (511, 5000),
+        (len / 3, 70000),
+        (len.saturating_sub(777), 777),
+    ] {
         if off + n <= len {
             let mut b = vec![0u8; n];
             chain.read_at(&mut b, off as u64).unwrap();
@@ -242,8 +251,8 @@ pub fn assert_map_matches(dir: &Path, file: &str) {
 /// Our check agrees with `qemu-img check --output json` on the counters and exit code.
 pub fn assert_check_matches(dir: &Path, file: &str) -> i32 {
     let (code, out, err) = qemu_img_status(dir, &["check", "-U", "--output", "json", file]);
-    let theirs: Value = serde_json::from_str(&out)
-        .unwrap_or_else(|_| panic!("qemu-img check output: {out}{err}"));
+    let theirs: Value =
+        serde_json::from_str(&out).unwrap_or_else(|_| panic!("qemu-img check output: {out}{err}"));
     let chain = Chain::open(
         &dir.join(file),
         &OpenOptions {
