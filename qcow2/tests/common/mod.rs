@@ -320,3 +320,95 @@ pub fn scatter_writes(dir: &Path, file: &str, size: u64) {
     let refs: Vec<&str> = cmds.iter().map(String::as_str).collect();
     qemu_io(dir, file, &refs);
 }
+
+/// `qemu-img check` says the image is clean (no errors, no leaks).
+pub fn assert_qemu_clean(dir: &Path, file: &str) {
+    let (code, out, err) = qemu_img_status(dir, &["check", "-U", file]);
+    assert_eq!(code, 0, "qemu-img check {file}: {out}{err}");
+}
+
+/// `qemu-img compare` says the two disks have equal content.
+pub fn assert_qemu_same(dir: &Path, a: &str, b: &str) {
+    let (code, out, err) = qemu_img_status(dir, &["compare", "-U", a, b]);
+    assert_eq!(code, 0, "qemu-img compare {a} {b}: {out}{err}");
+}
+
+/// A varied set of images (and chains) made by qemu-img/qemu-io; returns the top files.
+pub fn build_image_set(d: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    for (name, opts) in [
+        ("m-v2.qcow2", "compat=0.10"),
+        ("m-512.qcow2", "cluster_size=512"),
+        ("m-4k-rc1.qcow2", "cluster_size=4k,refcount_bits=1"),
+        ("m-64k.qcow2", ""),
+        ("m-2m.qcow2", "cluster_size=2M"),
+        ("m-ext.qcow2", "extended_l2=on"),
+        ("m-rc64.qcow2", "refcount_bits=64"),
+        ("m-lazy.qcow2", "lazy_refcounts=on"),
+    ] {
+        create(d, name, "6M", opts);
+        scatter_writes(d, name, 6 << 20);
+        out.push(name.to_string());
+    }
+    qemu_img(
+        d,
+        &[
+            "convert",
+            "-c",
+            "-O",
+            "qcow2",
+            "m-64k.qcow2",
+            "m-zlib.qcow2",
+        ],
+    );
+    qemu_img(
+        d,
+        &[
+            "convert",
+            "-c",
+            "-O",
+            "qcow2",
+            "-o",
+            "compression_type=zstd,cluster_size=4k",
+            "m-64k.qcow2",
+            "m-zstd.qcow2",
+        ],
+    );
+    out.push("m-zlib.qcow2".into());
+    out.push("m-zstd.qcow2".into());
+    // A chain with a top larger than its base, zero clusters over data.
+    create(d, "m-base.qcow2", "4M", "");
+    qemu_io(d, "m-base.qcow2", &["write -P 0x11 0 4M"]);
+    qemu_img(
+        d,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "m-base.qcow2",
+            "-F",
+            "qcow2",
+            "m-top.qcow2",
+            "6M",
+        ],
+    );
+    qemu_io(
+        d,
+        "m-top.qcow2",
+        &[
+            "write -P 0x22 1M 100k",
+            "write -z 2M 128k",
+            "write -P 0x33 5M 64k",
+        ],
+    );
+    out.push("m-top.qcow2".into());
+    // Internal snapshot.
+    create(d, "m-snap.qcow2", "2M", "");
+    qemu_io(d, "m-snap.qcow2", &["write -P 0x44 0 1M"]);
+    qemu_img(d, &["snapshot", "-c", "s1", "m-snap.qcow2"]);
+    qemu_io(d, "m-snap.qcow2", &["write -P 0x45 512k 1M"]);
+    out.push("m-snap.qcow2".into());
+    out
+}
