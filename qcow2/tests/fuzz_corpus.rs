@@ -36,3 +36,8 @@ fn header_corpus() {
         let _ = qcow2::format::header::Header::parse(d);
     });
 }
+
+#[test]
+fn write_ops_corpus() {
+    replay("write_ops", qcow2::fuzzing::write_ops);
+}
