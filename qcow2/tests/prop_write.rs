@@ -99,9 +99,9 @@ proptest! {
                 }
                 Op::SnapCreate(i) => {
                     let name = format!("s{i}");
-                    if !snaps.contains_key(&name) {
-                        top.snapshot_create(&name).unwrap();
-                        snaps.insert(name, model.clone());
+                    if let std::collections::btree_map::Entry::Vacant(slot) = snaps.entry(name) {
+                        top.snapshot_create(slot.key()).unwrap();
+                        slot.insert(model.clone());
                     }
                 }
                 Op::SnapApply(i) => {
