@@ -373,6 +373,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                             create,
                             compress,
                             overwrite: force,
+                            rate_limit: 0,
                         },
                     )?;
                 }

@@ -53,11 +53,39 @@ pub fn commit(top: &Path, opts: &CommitOptions) -> Result<CommitStats> {
     let base_backing = open_backing_of(&base)?;
     let size = chain.virtual_size();
     base.grow(size)?;
+    let stats = commit_into(
+        &mut base,
+        base_backing.as_ref(),
+        &chain,
+        base_idx,
+        &mut Throttle::new(opts.rate_limit),
+    )?;
+    base.flush()?;
+    drop(base);
+    if !opts.drop && opts.base.is_none() {
+        drop(chain);
+        let mut t = Qcow2::open_rw(top, OpenRwOptions::default())?;
+        t.make_empty()?;
+    }
+    Ok(stats)
+}
+
+/// Writes into `base` everything `chain` resolves above layer `above` (data as data, zero
+/// clusters as zero clusters), growing `base` to the chain's size. `base_backing` is what
+/// lies below `base` (for partial-cluster copy-on-write). The caller flushes.
+pub fn commit_into(
+    base: &mut Qcow2,
+    base_backing: Option<&Chain>,
+    chain: &Chain,
+    above: usize,
+    throttle: &mut Throttle,
+) -> Result<CommitStats> {
+    let size = chain.virtual_size();
+    base.grow(size)?;
     let mut stats = CommitStats::default();
-    let mut throttle = Throttle::new(opts.rate_limit);
     let mut buf = vec![0u8; IO_CHUNK];
     chain.for_each_extent(0, size, |e| {
-        if e.depth >= base_idx {
+        if e.depth >= above {
             return Ok(());
         }
         match e.kind {
@@ -66,33 +94,26 @@ pub fn commit(top: &Path, opts: &CommitOptions) -> Result<CommitStats> {
                 while pos < e.end() {
                     let n = (IO_CHUNK as u64).min(e.end() - pos) as usize;
                     chain.read_extent(e, pos, &mut buf[..n])?;
-                    base.write_at(&buf[..n], pos, base_backing.as_ref())?;
+                    base.write_at(&buf[..n], pos, base_backing)?;
                     throttle.account(n as u64);
                     stats.bytes_copied += n as u64;
                     pos += n as u64;
                 }
             }
             ExtentKind::Zero { .. } => {
-                base.write_zeroes(e.start, e.len, true, base_backing.as_ref())?;
+                base.write_zeroes(e.start, e.len, true, base_backing)?;
                 stats.bytes_zeroed += e.len;
             }
             ExtentKind::Unallocated => {
-                // Zeros above BASE (past an intermediate image's end): BASE's own backing
-                // must not show through there.
+                // Zeros above BASE (past an upper image's end): BASE's own backing must not
+                // show through there.
                 if base_backing.is_some() {
-                    base.write_zeroes(e.start, e.len, true, base_backing.as_ref())?;
+                    base.write_zeroes(e.start, e.len, true, base_backing)?;
                     stats.bytes_zeroed += e.len;
                 }
             }
         }
         Ok(())
     })?;
-    base.flush()?;
-    drop(base);
-    if !opts.drop && opts.base.is_none() {
-        drop(chain);
-        let mut t = Qcow2::open_rw(top, OpenRwOptions::default())?;
-        t.make_empty()?;
-    }
     Ok(stats)
 }

@@ -4,6 +4,7 @@ use crate::chain::Chain;
 use crate::create::{init_qcow2, CreateOptions};
 use crate::error::{Error, Result};
 use crate::image::Qcow2;
+use crate::ops::throttle::Throttle;
 use crate::storage::{PendingFile, Storage};
 use std::path::Path;
 
@@ -59,6 +60,8 @@ pub struct Qcow2ConvertOptions {
     /// Write every non-zero cluster compressed.
     pub compress: bool,
     pub overwrite: bool,
+    /// Bytes per second, 0 = unlimited.
+    pub rate_limit: u64,
 }
 
 /// Flattens the chain into a new standalone qcow2 image: zero and unallocated ranges stay
@@ -80,7 +83,12 @@ pub fn to_qcow2(chain: &Chain, dest: &Path, opts: &Qcow2ConvertOptions) -> Resul
         dest.parent(),
         &copts,
     )?;
-    let stats = copy_into(chain, &mut img, opts.compress)?;
+    let stats = copy_into(
+        chain,
+        &mut img,
+        opts.compress,
+        &mut Throttle::new(opts.rate_limit),
+    )?;
     img.flush()?;
     drop(img);
     out.commit()
@@ -89,7 +97,12 @@ pub fn to_qcow2(chain: &Chain, dest: &Path, opts: &Qcow2ConvertOptions) -> Resul
 }
 
 /// Copies the chain's non-zero clusters into an empty image of at least the same size.
-pub fn copy_into(chain: &Chain, img: &mut Qcow2, compress: bool) -> Result<RawConvertStats> {
+pub fn copy_into(
+    chain: &Chain,
+    img: &mut Qcow2,
+    compress: bool,
+    throttle: &mut Throttle,
+) -> Result<RawConvertStats> {
     let cs = img.cluster_size() as usize;
     let size = chain.virtual_size().min(img.virtual_size());
     let window = IO_CHUNK.max(cs) as u64;
@@ -104,6 +117,7 @@ pub fn copy_into(chain: &Chain, img: &mut Qcow2, compress: bool) -> Result<RawCo
         }
         let b = &mut buf[..n as usize];
         chain.read_at(b, off)?;
+        throttle.account(n);
         // Runs of non-zero clusters are written at once.
         let mut i = 0usize;
         while i < b.len() {

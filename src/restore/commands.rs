@@ -1,0 +1,442 @@
+//! The restore commands: rebase, commit, merge, snapshotrebase, verify, list.
+
+use super::discover::{BackupFile, Chain, Directory};
+use crate::manifest;
+use crate::report;
+use anyhow::{bail, Context, Result};
+use qcow2::chain::Layer;
+use qcow2::ops::commit::commit_into;
+use qcow2::ops::convert::{to_qcow2, Qcow2ConvertOptions};
+use qcow2::ops::rebase::{rebase as qcow2_rebase, RebaseOptions};
+use qcow2::ops::throttle::Throttle;
+use qcow2::write::OpenRwOptions;
+use qcow2::{check, Format, OpenOptions, Qcow2};
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+
+/// Options every command shares.
+#[derive(Debug, Clone, Default)]
+pub struct Common {
+    pub dir: PathBuf,
+    pub filter: Option<String>,
+    pub until: Option<String>,
+    pub skip_check: bool,
+}
+
+/// The chain a command works on: the newest FULL and its INCs, cut at `--until`.
+pub fn select_chain(c: &Common) -> Result<(Directory, Chain)> {
+    let dir = Directory::scan(&c.dir, c.filter.as_deref())?;
+    let latest = dir.latest()?.clone();
+    if let Some(u) = &c.until {
+        // The point may lie in an older chain: search the newest first.
+        for ch in dir.chains.iter().rev() {
+            if ch.files().iter().any(|f| f.matches_point(u)) {
+                let cut = ch.until(u)?;
+                if ch.full.name != latest.full.name {
+                    report::info(format!(
+                        "{u} belongs to the older chain of {}",
+                        ch.full.name
+                    ));
+                }
+                return Ok((dir, cut));
+            }
+        }
+        // Not found: let the newest chain explain which points exist.
+        latest.until(u)?;
+    }
+    if dir.chains.len() > 1 {
+        report::info(format!(
+            "{} holds {} chains; using the newest, {} and the {} incremental(s) after it",
+            c.dir.display(),
+            dir.chains.len(),
+            latest.full.name,
+            latest.incs.len()
+        ));
+    }
+    Ok((dir, latest))
+}
+
+fn open_alone(f: &BackupFile) -> Result<qcow2::Chain> {
+    qcow2::Chain::open(
+        &f.path,
+        &OpenOptions {
+            format: Some(Format::Qcow2),
+            no_backing: true,
+        },
+    )
+    .with_context(|| format!("{}: cannot open backup file", f.path.display()))
+}
+
+/// Checks every file of the chain before anything is written: each must open and pass a
+/// structural check, virtual sizes must not shrink, and manifests (where present) must name
+/// the same bitmap uuid.
+pub fn preflight(chain: &Chain, skip_check: bool) -> Result<()> {
+    let mut prev_size = 0u64;
+    let mut uuid: Option<(String, String)> = None;
+    for f in chain.files() {
+        let c = open_alone(f)?;
+        let size = c.virtual_size();
+        if size < prev_size {
+            bail!(
+                "{}: virtual size {size} is smaller than the previous backup's ({prev_size}); the chain is inconsistent",
+                f.path.display()
+            );
+        }
+        prev_size = size;
+        if !skip_check {
+            let q = c.top().as_qcow2().expect("qcow2");
+            let r =
+                check::check(q).with_context(|| format!("{}: cannot check", f.path.display()))?;
+            if r.corruptions > 0 || r.check_errors > 0 {
+                bail!(
+                    "{}: damaged image ({} errors: {}); nothing was changed. Restore up to the previous point with --until, or check the file with `qcow2 check`",
+                    f.path.display(),
+                    r.corruptions + r.check_errors,
+                    r.messages.first().cloned().unwrap_or_default()
+                );
+            }
+            if r.leaks > 0 {
+                report::warn(format!(
+                    "{}: {} leaked clusters (wasted space, no harm to data)",
+                    f.path.display(),
+                    r.leaks
+                ));
+            }
+        }
+        if let Some(m) = manifest::read_manifest(&f.path)? {
+            if let Some(u) = m.uuid {
+                match &uuid {
+                    Some((first, name)) if *first != u => bail!(
+                        "{}: taken with bitmap uuid {u}, but {name} with {first}: these files are not one chain",
+                        f.path.display()
+                    ),
+                    Some(_) => {}
+                    None => uuid = Some((u, f.name.clone())),
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `rebase`: each INC's backing file set to its predecessor (no data copied); a symlink
+/// `image` points at the newest point.
+pub fn rebase(c: &Common, dry_run: bool) -> Result<()> {
+    let (_, chain) = select_chain(c)?;
+    preflight(&chain, c.skip_check)?;
+    let files = chain.files();
+    for pair in files.windows(2) {
+        let (prev, cur) = (pair[0], pair[1]);
+        report::info(format!("{}: backing file -> {}", cur.name, prev.name));
+        if !dry_run {
+            qcow2_rebase(
+                &cur.path,
+                &RebaseOptions {
+                    backing: prev.name.clone(),
+                    format: Some(Format::Qcow2),
+                    unsafe_mode: true,
+                },
+            )
+            .with_context(|| format!("{}: rebase failed", cur.path.display()))?;
+        }
+    }
+    let newest = chain.newest();
+    let link = c.dir.join("image");
+    report::info(format!("{} -> {}", link.display(), newest.name));
+    if !dry_run {
+        match std::fs::symlink_metadata(&link) {
+            Ok(m) if m.file_type().is_symlink() => std::fs::remove_file(&link)?,
+            Ok(_) => bail!(
+                "{}: exists and is not a symlink; not replacing it",
+                link.display()
+            ),
+            Err(_) => {}
+        }
+        std::os::unix::fs::symlink(&newest.name, &link)
+            .with_context(|| format!("{}: cannot create symlink", link.display()))?;
+    }
+    Ok(())
+}
+
+fn commit_inc(full: &mut Qcow2, inc: &BackupFile, rate_limit: u64) -> Result<()> {
+    let inc_chain = open_alone(inc)?;
+    commit_into(full, None, &inc_chain, 1, &mut Throttle::new(rate_limit))
+        .with_context(|| format!("committing {} into the full backup", inc.name))?;
+    full.flush()?;
+    Ok(())
+}
+
+fn interrupted_hint(full: &BackupFile, inc: &BackupFile, cmd: &str) -> String {
+    format!(
+        "{} now holds part of {}; the remaining INC files are untouched: run `qmprestore {cmd}` with the same arguments again to finish",
+        full.name, inc.name
+    )
+}
+
+/// `commit`: the INCs committed into the FULL in place, in order; each INC file is removed
+/// once its data is safely in the FULL.
+pub fn commit(c: &Common, rate_limit: u64) -> Result<()> {
+    let (_, chain) = select_chain(c)?;
+    preflight(&chain, c.skip_check)?;
+    let mut full = Qcow2::open_rw(&chain.full.path, OpenRwOptions::default())
+        .with_context(|| format!("{}: cannot open for writing", chain.full.path.display()))?;
+    for inc in &chain.incs {
+        report::info(format!("committing {} into {}", inc.name, chain.full.name));
+        commit_inc(&mut full, inc, rate_limit)
+            .with_context(|| interrupted_hint(&chain.full, inc, "commit"))?;
+        std::fs::remove_file(&inc.path)
+            .with_context(|| format!("{}: cannot remove", inc.path.display()))?;
+        let _ = std::fs::remove_file(manifest::manifest_path(&inc.path));
+    }
+    drop(full);
+    refresh_manifest(&chain.full.path)?;
+    report::info(format!(
+        "{} holds the restored disk",
+        chain.full.path.display()
+    ));
+    Ok(())
+}
+
+/// A manifest beside a file we changed would be stale: write it anew (keeping the uuid).
+fn refresh_manifest(path: &Path) -> Result<()> {
+    if let Some(old) = manifest::read_manifest(path)? {
+        manifest::write_manifest(path, old.uuid.as_deref())?;
+    }
+    Ok(())
+}
+
+/// `merge`: a new standalone image with the chain's content; the backup files are not
+/// touched and an existing target is never overwritten.
+pub fn merge(c: &Common, target: &Path, rate_limit: u64) -> Result<()> {
+    let (_, chain) = select_chain(c)?;
+    preflight(&chain, c.skip_check)?;
+    if target.symlink_metadata().is_ok() {
+        bail!(
+            "{}: target exists; not overwriting it (choose another --targetfile or remove it)",
+            target.display()
+        );
+    }
+    if let Some(parent) = target.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("{}: cannot create directory", parent.display()))?;
+    }
+    let mut layers = Vec::new();
+    for f in chain.files().into_iter().rev() {
+        let q = Qcow2::open(&f.path)
+            .with_context(|| format!("{}: cannot open backup file", f.path.display()))?;
+        layers.push(Layer::Qcow2(Box::new(q)));
+    }
+    let stack = qcow2::Chain::from_layers(layers)?;
+    let full_hdr = open_alone(&chain.full)?;
+    let cluster_size = full_hdr
+        .top()
+        .as_qcow2()
+        .map_or(65536, |q| q.cluster_size());
+    let opts = Qcow2ConvertOptions {
+        create: qcow2::create::CreateOptions {
+            cluster_size,
+            ..Default::default()
+        },
+        compress: false,
+        overwrite: false,
+        rate_limit,
+    };
+    report::info(format!(
+        "merging {} file(s) ({} .. {}) into {}",
+        chain.files().len(),
+        chain.full.name,
+        chain.newest().name,
+        target.display()
+    ));
+    to_qcow2(&stack, target, &opts).with_context(|| {
+        format!(
+            "{}: merge failed; no target was left behind",
+            target.display()
+        )
+    })?;
+    let uuid = manifest::read_manifest(&chain.full.path)?.and_then(|m| m.uuid);
+    manifest::write_manifest(target, uuid.as_deref())?;
+    Ok(())
+}
+
+pub const FULL_SNAPSHOT: &str = "FULL-BACKUP";
+
+/// `snapshotrebase`: an internal snapshot FULL-BACKUP of the FULL, then each INC committed
+/// and snapshotted under its timestamp. Resumable: points already snapshotted are skipped.
+/// The INC files are removed once every point is in.
+pub fn snapshotrebase(c: &Common, rate_limit: u64) -> Result<()> {
+    let (_, chain) = select_chain(c)?;
+    preflight(&chain, c.skip_check)?;
+    let mut full = Qcow2::open_rw(&chain.full.path, OpenRwOptions::default())
+        .with_context(|| format!("{}: cannot open for writing", chain.full.path.display()))?;
+    let existing: Vec<String> = full.snapshots()?.into_iter().map(|s| s.name).collect();
+    if !existing.iter().any(|n| n == FULL_SNAPSHOT) {
+        full.snapshot_create(FULL_SNAPSHOT)?;
+        report::info(format!("{}: snapshot {FULL_SNAPSHOT}", chain.full.name));
+    }
+    for inc in &chain.incs {
+        let name = inc.snapshot_name();
+        if existing.contains(&name) {
+            report::info(format!("{}: already in (snapshot {name})", inc.name));
+            continue;
+        }
+        report::info(format!("committing {} (snapshot {name})", inc.name));
+        commit_inc(&mut full, inc, rate_limit).with_context(|| {
+            format!(
+                "{}; or roll back with `qcow2 snapshot -a {FULL_SNAPSHOT} {}`",
+                interrupted_hint(&chain.full, inc, "snapshotrebase"),
+                chain.full.path.display()
+            )
+        })?;
+        full.snapshot_create(&name)?;
+    }
+    drop(full);
+    for inc in &chain.incs {
+        if inc.path.exists() {
+            std::fs::remove_file(&inc.path)
+                .with_context(|| format!("{}: cannot remove", inc.path.display()))?;
+            let _ = std::fs::remove_file(manifest::manifest_path(&inc.path));
+        }
+    }
+    refresh_manifest(&chain.full.path)?;
+    Ok(())
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct VerifiedFile {
+    pub file: String,
+    pub ok: bool,
+    pub manifest: bool,
+    pub problem: Option<String>,
+}
+
+/// `verify`: every image of every chain (and every copy) checked structurally, each chain's
+/// continuity, and every data cluster re-read against its manifest where there is one.
+/// Returns the per-file results; the caller exits non-zero when any failed.
+pub fn verify(c: &Common) -> Result<Vec<VerifiedFile>> {
+    let dir = Directory::scan(&c.dir, c.filter.as_deref())?;
+    if dir.chains.is_empty() && dir.copies.is_empty() {
+        bail!("no backups in {}", c.dir.display());
+    }
+    let mut out = Vec::new();
+    let mut all: Vec<&BackupFile> = Vec::new();
+    for ch in &dir.chains {
+        if let Err(e) = preflight_continuity(ch) {
+            out.push(VerifiedFile {
+                file: ch.full.name.clone(),
+                ok: false,
+                manifest: false,
+                problem: Some(format!("{e:#}")),
+            });
+        }
+        all.extend(ch.files());
+    }
+    all.extend(dir.copies.iter());
+    for f in all {
+        let res = (|| -> Result<bool> {
+            let ch = open_alone(f)?;
+            let q = ch.top().as_qcow2().expect("qcow2");
+            let r = check::check(q)?;
+            if r.corruptions > 0 || r.check_errors > 0 {
+                bail!(
+                    "{}: structural damage: {}",
+                    f.path.display(),
+                    r.messages.first().cloned().unwrap_or_default()
+                );
+            }
+            Ok(manifest::verify_manifest(&f.path)?.is_some())
+        })();
+        out.push(match res {
+            Ok(has) => VerifiedFile {
+                file: f.name.clone(),
+                ok: true,
+                manifest: has,
+                problem: None,
+            },
+            Err(e) => VerifiedFile {
+                file: f.name.clone(),
+                ok: false,
+                manifest: manifest::manifest_path(&f.path).exists(),
+                problem: Some(format!("{e:#}")),
+            },
+        });
+    }
+    Ok(out)
+}
+
+fn preflight_continuity(ch: &Chain) -> Result<()> {
+    // Structural checks are done per file by verify itself.
+    preflight(ch, true)
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ListedFile {
+    pub file: String,
+    pub level: super::Level,
+    pub timestamp: u64,
+    pub date: String,
+    pub file_size: u64,
+    pub virtual_size: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Listing {
+    pub dir: String,
+    pub chains: Vec<Vec<ListedFile>>,
+    pub copies: Vec<ListedFile>,
+}
+
+fn listed(f: &BackupFile) -> ListedFile {
+    ListedFile {
+        file: f.name.clone(),
+        level: f.level,
+        timestamp: f.timestamp,
+        date: qcow2::ops::info::format_utc(f.timestamp as i64),
+        file_size: std::fs::metadata(&f.path).map(|m| m.len()).unwrap_or(0),
+        virtual_size: open_alone(f).ok().map(|c| c.virtual_size()),
+    }
+}
+
+/// `list`: the chains and their points in time.
+pub fn list(c: &Common) -> Result<Listing> {
+    let dir = Directory::scan(&c.dir, c.filter.as_deref())?;
+    Ok(Listing {
+        dir: c.dir.display().to_string(),
+        chains: dir
+            .chains
+            .iter()
+            .map(|ch| ch.files().into_iter().map(listed).collect())
+            .collect(),
+        copies: dir.copies.iter().map(listed).collect(),
+    })
+}
+
+impl Listing {
+    pub fn human(&self) -> String {
+        let mut s = String::new();
+        for (i, ch) in self.chains.iter().enumerate() {
+            s.push_str(&format!("chain {} ({} points):\n", i + 1, ch.len()));
+            for f in ch {
+                s.push_str(&format!(
+                    "  {:<5} {}  {:>10}  {}\n",
+                    format!("{:?}", f.level).to_uppercase(),
+                    f.date,
+                    report::bytes(f.file_size),
+                    f.file
+                ));
+            }
+        }
+        if !self.copies.is_empty() {
+            s.push_str("copies:\n");
+            for f in &self.copies {
+                s.push_str(&format!(
+                    "  COPY  {}  {:>10}  {}\n",
+                    f.date,
+                    report::bytes(f.file_size),
+                    f.file
+                ));
+            }
+        }
+        s
+    }
+}

@@ -1,0 +1,8 @@
+//! qmprestore: native restore of backup chains (no qemu-img, no other program), built on the
+//! `qcow2` crate. Every command checks the whole chain before its first write.
+
+pub mod commands;
+pub mod discover;
+
+pub use commands::*;
+pub use discover::{BackupFile, Chain, Directory, Level};

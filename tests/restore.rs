@@ -1,0 +1,508 @@
+//! qmprestore against the oracle: a backup directory built with qemu-img/qemu-io (data,
+//! zero writes, a compressed INC, a growing disk) with raw models of the disk after each
+//! backup. Every command and every --until point is compared with `qemu-img compare`; all
+//! restore commands run with PATH=/nonexistent (no external program may be used).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const MIB: usize = 1 << 20;
+
+fn run(cmd: &str, args: &[&str], cwd: &Path) -> (i32, String, String) {
+    let out = Command::new(cmd)
+        .args(args)
+        .current_dir(cwd)
+        .env("TZ", "UTC")
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd}: {e} (install the oracles: bash .ci/install-qemu)"));
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn qemu_img(cwd: &Path, args: &[&str]) -> String {
+    let (c, o, e) = run("qemu-img", args, cwd);
+    assert_eq!(c, 0, "qemu-img {args:?}: {o}{e}");
+    o
+}
+
+fn qemu_io(cwd: &Path, file: &str, cmds: &[String]) {
+    let mut args = vec!["-f".to_string(), "qcow2".into()];
+    for c in cmds {
+        args.push("-c".into());
+        args.push(c.clone());
+    }
+    args.push(file.into());
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (c, o, e) = run("qemu-io", &a, cwd);
+    assert!(c == 0 && !o.contains("failed"), "qemu-io {cmds:?}: {o}{e}");
+}
+
+/// Runs qmprestore with no PATH at all: it must not need any other program.
+fn restore(cwd: &Path, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_qmprestore"))
+        .args(args)
+        .current_dir(cwd)
+        .env_clear()
+        .env("PATH", "/nonexistent")
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn restore_ok(cwd: &Path, args: &[&str]) -> String {
+    let (c, o, e) = restore(cwd, args);
+    assert_eq!(c, 0, "qmprestore {args:?}: {o}{e}");
+    o
+}
+
+fn same(cwd: &Path, a: &str, b: &str) {
+    let (c, o, e) = run("qemu-img", &["compare", "-U", a, b], cwd);
+    assert_eq!(c, 0, "compare {a} {b}: {o}{e}");
+}
+
+fn clean(cwd: &Path, f: &str) {
+    let (c, o, e) = run("qemu-img", &["check", "-U", f], cwd);
+    assert_eq!(c, 0, "check {f}: {o}{e}");
+}
+
+enum W {
+    Data(usize, usize, u8),
+    Zero(usize, usize),
+}
+
+struct BackupDir {
+    _tmp: tempfile::TempDir,
+    root: PathBuf,
+    /// (file name, model file name) per point, oldest first.
+    points: Vec<(String, String)>,
+}
+
+fn apply(model: &mut Vec<u8>, w: &W) -> String {
+    match *w {
+        W::Data(off, len, p) => {
+            model[off..off + len].fill(p);
+            format!("write -P {p} {off} {len}")
+        }
+        W::Zero(off, len) => {
+            model[off..off + len].fill(0);
+            format!("write -z {off} {len}")
+        }
+    }
+}
+
+/// FULL at t=1000, then INCs; INC 2 is compressed; INC 3 grows the disk to 10 MiB.
+fn build(root: &Path, base_ts: u64, disk: &str) -> Vec<(String, String)> {
+    let mut model = vec![0u8; 8 * MIB];
+    let mut points = Vec::new();
+    let full = format!("FULL-{base_ts}-{disk}");
+    qemu_img(root, &["create", "-q", "-f", "qcow2", &full, "8M"]);
+    let ws = [
+        W::Data(0, 3 * MIB, 0x11),
+        W::Data(5 * MIB, MIB, 0x12),
+        W::Data(7 * MIB + 512, 4096, 0x13),
+    ];
+    let cmds: Vec<String> = ws.iter().map(|w| apply(&mut model, w)).collect();
+    qemu_io(root, &full, &cmds);
+    let m = format!("model-{base_ts}-0.raw");
+    std::fs::write(root.join(&m), &model).unwrap();
+    points.push((full, m));
+    let incs: Vec<Vec<W>> = vec![
+        vec![
+            W::Data(64 * 1024, 128 * 1024, 0x21),
+            W::Zero(MIB, 256 * 1024),
+            W::Data(6 * MIB, 65536, 0x22),
+        ],
+        vec![W::Data(2 * MIB, MIB, 0x31), W::Zero(5 * MIB, 512 * 1024)],
+        vec![
+            W::Data(0, 65536, 0x41),
+            W::Data(9 * MIB, 65536, 0x42),
+            W::Zero(2 * MIB, 65536),
+        ],
+    ];
+    for (i, ws) in incs.iter().enumerate() {
+        let ts = base_ts + 100 * (i as u64 + 1);
+        let name = format!("INC-{ts}-{disk}");
+        let size = if i == 2 { 10 * MIB } else { 8 * MIB };
+        model.resize(size, 0);
+        qemu_img(
+            root,
+            &["create", "-q", "-f", "qcow2", &name, &size.to_string()],
+        );
+        let cmds: Vec<String> = ws.iter().map(|w| apply(&mut model, w)).collect();
+        qemu_io(root, &name, &cmds);
+        if i == 1 {
+            let tmp = format!("{name}.tmpc");
+            qemu_img(root, &["convert", "-c", "-O", "qcow2", &name, &tmp]);
+            std::fs::rename(root.join(&tmp), root.join(&name)).unwrap();
+            // convert drops zero clusters; put the zeroing back as ZERO clusters.
+            qemu_io(root, &name, &["write -z 5242880 524288".into()]);
+        }
+        let m = format!("model-{base_ts}-{}.raw", i + 1);
+        std::fs::write(root.join(&m), &model).unwrap();
+        points.push((name, m));
+    }
+    // Scramble file times: only the names may give the order.
+    for (i, (f, _)) in points.iter().enumerate() {
+        let t = ["2030-01-01", "2001-05-05", "2015-03-03", "1999-09-09"][i % 4];
+        let (c, _, e) = run("touch", &["-d", t, f], root);
+        assert_eq!(c, 0, "{e}");
+    }
+    points
+}
+
+fn backup_dir() -> BackupDir {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("disk1");
+    std::fs::create_dir(&root).unwrap();
+    let points = build(&root, 1000, "disk1.qcow2");
+    for (f, _) in &points {
+        qmpbackup::manifest::write_manifest(&root.join(f), Some("uuid-1")).unwrap();
+    }
+    BackupDir {
+        _tmp: tmp,
+        root,
+        points,
+    }
+}
+
+fn digest(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut v: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap())
+        .filter(|e| !e.file_name().to_string_lossy().starts_with("model"))
+        .map(|e| {
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                std::fs::read(e.path()).unwrap_or_default(),
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn merge_every_point_leaves_backups_untouched() {
+    let b = backup_dir();
+    let d = &b.root;
+    let before = digest(d);
+    let out = b._tmp.path();
+    for (i, (file, model)) in b.points.iter().enumerate() {
+        let stem = file.trim_end_matches(".qcow2");
+        // the three spellings of a point
+        let until = [file.as_str(), stem, &stem[..stem.rfind('-').unwrap()]][i % 3].to_string();
+        let target = out.join(format!("restored-{i}.qcow2"));
+        restore_ok(
+            d,
+            &[
+                "merge",
+                "--dir",
+                ".",
+                "--until",
+                &until,
+                "--targetfile",
+                target.to_str().unwrap(),
+            ],
+        );
+        clean(d, target.to_str().unwrap());
+        same(d, target.to_str().unwrap(), model);
+        // the merged target gets a manifest that verifies
+        assert!(target.with_extension("qcow2.manifest").exists());
+    }
+    // Without --until: the newest point.
+    let t = out.join("latest.qcow2");
+    restore_ok(
+        d,
+        &["merge", "--dir", ".", "--targetfile", t.to_str().unwrap()],
+    );
+    same(d, t.to_str().unwrap(), &b.points.last().unwrap().1);
+    // An existing target is never overwritten.
+    let (c, _, e) = restore(
+        d,
+        &["merge", "--dir", ".", "--targetfile", t.to_str().unwrap()],
+    );
+    assert_eq!(c, 1);
+    assert!(e.contains("exists"), "{e}");
+    assert_eq!(digest(d), before, "merge must not touch the backup files");
+}
+
+fn copy_dir(b: &BackupDir, name: &str) -> PathBuf {
+    let dst = b._tmp.path().join(name);
+    std::fs::create_dir(&dst).unwrap();
+    for e in std::fs::read_dir(&b.root).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
+    }
+    dst
+}
+
+#[test]
+fn rebase_until_and_latest() {
+    let b = backup_dir();
+    let d = copy_dir(&b, "rb1");
+    restore_ok(&d, &["rebase", "--dir", ".", "--dry-run"]);
+    assert_eq!(
+        qemu_img(&d, &["info", "--output", "json", &b.points[1].0]).contains("backing-filename"),
+        false
+    );
+    restore_ok(&d, &["rebase", "--dir", "."]);
+    for (f, _) in &b.points {
+        clean(&d, f);
+    }
+    same(&d, "image", &b.points.last().unwrap().1);
+    for (i, (f, m)) in b.points.iter().enumerate() {
+        same(&d, f, m);
+        if i > 0 {
+            let info = qemu_img(&d, &["info", "--output", "json", f]);
+            assert!(
+                info.contains(&format!("\"backing-filename\": \"{}\"", b.points[i - 1].0)),
+                "{info}"
+            );
+        }
+    }
+    let d2 = copy_dir(&b, "rb2");
+    restore_ok(&d2, &["rebase", "--dir", ".", "--until", "INC-1200"]);
+    same(&d2, "image", &b.points[2].1);
+}
+
+#[test]
+fn commit_in_place() {
+    let b = backup_dir();
+    let d = copy_dir(&b, "cm");
+    restore_ok(&d, &["commit", "--dir", ".", "--rate-limit", "1G"]);
+    let full = &b.points[0].0;
+    clean(&d, full);
+    same(&d, full, &b.points.last().unwrap().1);
+    for (f, _) in &b.points[1..] {
+        assert!(!d.join(f).exists(), "{f} should be removed");
+    }
+    // The FULL's manifest was refreshed and verifies.
+    restore_ok(&d, &["verify", "--dir", "."]);
+    // --until: only the INCs up to the point.
+    let d2 = copy_dir(&b, "cm2");
+    restore_ok(&d2, &["commit", "--dir", ".", "--until", &b.points[1].0]);
+    same(&d2, full, &b.points[1].1);
+    assert!(d2.join(&b.points[2].0).exists());
+}
+
+#[test]
+fn snapshotrebase_snapshots_every_point() {
+    let b = backup_dir();
+    let d = copy_dir(&b, "sr");
+    restore_ok(&d, &["snapshotrebase", "--dir", "."]);
+    let full = &b.points[0].0;
+    clean(&d, full);
+    same(&d, full, &b.points.last().unwrap().1);
+    let list = qemu_img(&d, &["snapshot", "-l", full]);
+    assert!(list.contains("FULL-BACKUP"), "{list}");
+    // INC at 1100 = 1970-01-01 00:18:20 UTC
+    let names = [
+        "FULL-BACKUP",
+        "1970-01-01-00:18:20",
+        "1970-01-01-00:20:00",
+        "1970-01-01-00:21:40",
+    ];
+    for (i, n) in names.iter().enumerate() {
+        assert!(list.contains(n), "{n} missing: {list}");
+        let raw = format!("snap{i}.raw");
+        qemu_img(
+            &d,
+            &[
+                "convert",
+                "-l",
+                &format!("snapshot.name={n}"),
+                "-O",
+                "raw",
+                full,
+                &raw,
+            ],
+        );
+        let model = std::fs::read(d.join(&b.points[i].1)).unwrap();
+        let got = std::fs::read(d.join(&raw)).unwrap();
+        assert!(got.len() >= model.len());
+        assert!(got[..model.len()] == model[..], "snapshot {n} content");
+        assert!(got[model.len()..].iter().all(|&x| x == 0));
+    }
+    // Run again: nothing left to do, still fine.
+    restore_ok(&d, &["snapshotrebase", "--dir", "."]);
+}
+
+fn damage_l2(path: &Path) {
+    // Make the first L2 entry's offset unaligned (a structural error check finds).
+    let mut bytes = std::fs::read(path).unwrap();
+    let l1_off = u64::from_be_bytes(bytes[40..48].try_into().unwrap()) as usize;
+    let l2 = (u64::from_be_bytes(bytes[l1_off..l1_off + 8].try_into().unwrap())
+        & 0x00ff_ffff_ffff_fe00) as usize;
+    let mut found = false;
+    for i in 0..8192 {
+        let e = u64::from_be_bytes(bytes[l2 + i * 8..l2 + i * 8 + 8].try_into().unwrap());
+        if e & 0x00ff_ffff_ffff_fe00 != 0 && e & (1 << 62) == 0 {
+            let bad = e | 0x200;
+            bytes[l2 + i * 8..l2 + i * 8 + 8].copy_from_slice(&bad.to_be_bytes());
+            found = true;
+            break;
+        }
+    }
+    assert!(found);
+    std::fs::write(path, bytes).unwrap();
+}
+
+#[test]
+fn damaged_inc_changes_nothing() {
+    let b = backup_dir();
+    let d = copy_dir(&b, "dmg");
+    damage_l2(&d.join(&b.points[3].0));
+    let before = digest(&d);
+    let target = b._tmp.path().join("never.qcow2");
+    for args in [
+        vec![
+            "merge",
+            "--dir",
+            ".",
+            "--targetfile",
+            target.to_str().unwrap(),
+        ],
+        vec!["commit", "--dir", "."],
+        vec!["snapshotrebase", "--dir", "."],
+        vec!["rebase", "--dir", "."],
+    ] {
+        let (c, _, e) = restore(&d, &args);
+        assert_eq!(c, 1, "{args:?} should fail");
+        assert!(
+            e.contains(&b.points[3].0),
+            "error names the damaged file: {e}"
+        );
+        assert_eq!(digest(&d), before, "{args:?} changed something");
+        assert!(!target.exists());
+        let leftovers: Vec<_> = std::fs::read_dir(b._tmp.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert!(
+            !leftovers
+                .iter()
+                .any(|n| n.to_string_lossy().contains("never")),
+            "{leftovers:?}"
+        );
+    }
+    // Restoring up to the point before the damage still works.
+    let ok_target = b._tmp.path().join("ok.qcow2");
+    restore_ok(
+        &d,
+        &[
+            "merge",
+            "--dir",
+            ".",
+            "--until",
+            &b.points[2].0,
+            "--targetfile",
+            ok_target.to_str().unwrap(),
+        ],
+    );
+    same(&d, ok_target.to_str().unwrap(), &b.points[2].1);
+    // verify names the file
+    let (c, _, e) = restore(&d, &["verify", "--dir", "."]);
+    assert_eq!(c, 1);
+    assert!(e.contains(&b.points[3].0), "{e}");
+}
+
+#[test]
+fn verify_finds_bit_rot_with_offset() {
+    let b = backup_dir();
+    let d = copy_dir(&b, "rot");
+    restore_ok(&d, &["verify", "--dir", "."]);
+    // Flip a byte inside INC 1's data (guest 6 MiB, pattern 0x22): find it in the file.
+    let inc = d.join(&b.points[1].0);
+    let mut bytes = std::fs::read(&inc).unwrap();
+    let pos = bytes
+        .windows(4096)
+        .position(|w| w.iter().all(|&x| x == 0x22))
+        .unwrap();
+    bytes[pos + 100] ^= 0xff;
+    std::fs::write(&inc, bytes).unwrap();
+    let (c, _, e) = restore(&d, &["verify", "--dir", "."]);
+    assert_eq!(c, 1, "{e}");
+    assert!(
+        e.contains(&b.points[1].0) && e.contains("checksum mismatch") && e.contains("0x600000"),
+        "{e}"
+    );
+    let (_, o, _) = restore(&d, &["verify", "--dir", ".", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&o).unwrap();
+    assert_eq!(
+        v.as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["ok"] == false)
+            .count(),
+        1
+    );
+}
+
+#[test]
+fn two_chains_partial_files_and_listing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let old = build(d, 1000, "disk.qcow2");
+    let new = build(d, 5000, "disk.qcow2");
+    let t = d.join("out.qcow2");
+    let (c, _, e) = restore(
+        d,
+        &["merge", "--dir", ".", "--targetfile", t.to_str().unwrap()],
+    );
+    assert_eq!(c, 0, "{e}");
+    assert!(e.contains("2 chains") && e.contains(&new[0].0), "{e}");
+    same(d, t.to_str().unwrap(), &new.last().unwrap().1);
+    let l: serde_json::Value =
+        serde_json::from_str(&restore_ok(d, &["list", "--dir", ".", "--json"])).unwrap();
+    assert_eq!(l["chains"].as_array().unwrap().len(), 2);
+    assert_eq!(l["chains"][0][0]["file"], old[0].0.as_str());
+    assert_eq!(l["chains"][1].as_array().unwrap().len(), 4);
+    // --filter picks files by name
+    let t2 = d.join("out2.qcow2");
+    let (c, _, e) = restore(
+        d,
+        &[
+            "merge",
+            "--dir",
+            ".",
+            "--filter",
+            "disk",
+            "--until",
+            &old[2].0,
+            "--targetfile",
+            t2.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(c, 0, "{e}");
+    assert!(e.contains("older chain"), "{e}");
+    same(d, t2.to_str().unwrap(), &old[2].1);
+    // A .partial file: a clear error.
+    std::fs::write(d.join("INC-9999-disk.qcow2.partial"), b"x").unwrap();
+    let (c, _, e) = restore(
+        d,
+        &[
+            "merge",
+            "--dir",
+            ".",
+            "--targetfile",
+            d.join("x.qcow2").to_str().unwrap(),
+        ],
+    );
+    assert_eq!(c, 1);
+    assert!(e.contains(".partial") && e.contains("interrupted"), "{e}");
+    // An empty directory: says to run a full backup first.
+    let empty = tempfile::tempdir().unwrap();
+    let (c, _, e) = restore(
+        empty.path(),
+        &["merge", "--dir", ".", "--targetfile", "x.qcow2"],
+    );
+    assert_eq!(c, 1);
+    assert!(e.contains("no full backup"), "{e}");
+}
