@@ -84,7 +84,7 @@ struct BackupDir {
     points: Vec<(String, String)>,
 }
 
-fn apply(model: &mut Vec<u8>, w: &W) -> String {
+fn apply(model: &mut [u8], w: &W) -> String {
     match *w {
         W::Data(off, len, p) => {
             model[off..off + len].fill(p);
@@ -248,9 +248,8 @@ fn rebase_until_and_latest() {
     let b = backup_dir();
     let d = copy_dir(&b, "rb1");
     restore_ok(&d, &["rebase", "--dir", ".", "--dry-run"]);
-    assert_eq!(
-        qemu_img(&d, &["info", "--output", "json", &b.points[1].0]).contains("backing-filename"),
-        false
+    assert!(
+        !qemu_img(&d, &["info", "--output", "json", &b.points[1].0]).contains("backing-filename")
     );
     restore_ok(&d, &["rebase", "--dir", "."]);
     for (f, _) in &b.points {

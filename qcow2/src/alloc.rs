@@ -28,6 +28,8 @@ pub struct Refcounts {
     pending_free: Vec<u64>,
     /// No cluster below this index is free.
     free_hint: u64,
+    /// Counts refcounts that dropped to 0 (a freed cluster may be handed out again).
+    pub frees: u64,
 }
 
 impl Refcounts {
@@ -61,6 +63,7 @@ impl Refcounts {
             dirty_blocks: BTreeSet::new(),
             pending_free: Vec::new(),
             free_hint: 0,
+            frees: 0,
         })
     }
 
@@ -135,8 +138,11 @@ impl Refcounts {
         let b = self.blocks.get_mut(&off).expect("loaded");
         refcount::set(b, self.order, idx % self.epb, value);
         self.dirty_blocks.insert(off);
-        if value == 0 && idx < self.free_hint {
-            self.free_hint = idx;
+        if value == 0 {
+            self.frees += 1;
+            if idx < self.free_hint {
+                self.free_hint = idx;
+            }
         }
         Ok(())
     }

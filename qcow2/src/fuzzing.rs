@@ -69,9 +69,16 @@ pub fn write_ops(data: &[u8]) {
     let mut model = vec![0u8; SIZE as usize];
     let mut snaps: Vec<(String, Vec<u8>)> = Vec::new();
     let cs = 1u64 << cs_bits;
+    let trace = std::env::var_os("QCOW2_FUZZ_TRACE").is_some();
+    if trace {
+        eprintln!("{opts:?}");
+    }
     for (n, op) in data[1..].chunks_exact(5).enumerate().take(40) {
         let off = (u16::from_le_bytes([op[1], op[2]]) as u64 * 4) % SIZE;
         let len = ((op[3] as u64 + 1) * 512 + op[4] as u64).min(SIZE - off);
+        if trace {
+            eprintln!("op {} off {off} len {len} arg {}", op[0] % 8, op[4]);
+        }
         match op[0] % 8 {
             0 | 1 => {
                 let pat = op[4] | 1;
@@ -118,6 +125,16 @@ pub fn write_ops(data: &[u8]) {
                 img.snapshot_delete(&name).expect("snapshot delete");
             }
             _ => {}
+        }
+        if trace {
+            let mut got = vec![0u8; SIZE as usize];
+            img.read_view(&mut got, 0, None).expect("read");
+            if let Some(p) = got.iter().zip(&model).position(|(a, b)| a != b) {
+                panic!(
+                    "after op {n}: differs at {p:#x}: got {} want {}",
+                    got[p], model[p]
+                );
+            }
         }
     }
     img.flush().expect("flush");

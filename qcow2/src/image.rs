@@ -171,6 +171,13 @@ impl Qcow2 {
         self.l2_cache.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    pub(crate) fn forget_decompressed(&self) {
+        *self
+            .last_decompressed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
     /// Drops cached metadata (after the file was changed behind our back).
     pub fn invalidate_caches(&self) {
         self.lock_l2().clear();

@@ -30,8 +30,10 @@ pub struct RwState {
     /// The L1 table moved: it must be on disk before the header points at it.
     l1_moved: bool,
     header_dirty: bool,
-    /// Next free byte for compressed data (0 = start a new cluster).
+    /// Next free byte for compressed data (0 = start a new cluster), valid while no cluster
+    /// has been freed since (`cursor_frees`): a freed cluster may hold other data now.
     compressed_cursor: u64,
+    cursor_frees: u64,
     /// Persistent bitmaps exist: data writes would leave them stale.
     has_bitmaps: bool,
 }
@@ -105,6 +107,7 @@ impl Qcow2 {
             l1_moved: false,
             header_dirty,
             compressed_cursor: 0,
+            cursor_frees: 0,
             has_bitmaps,
         }));
         Ok(())
@@ -143,6 +146,8 @@ impl Qcow2 {
     /// Allocates `n` contiguous clusters; returns the host offset of the first.
     pub(crate) fn alloc_clusters(&mut self, n: u64) -> Result<u64> {
         let cb = self.header.cluster_bits;
+        // Space handed out again may be where a cached compressed cluster was.
+        self.forget_decompressed();
         let (s, rc) = self.refcounts_mut()?;
         Ok(rc.alloc(s, n)? << cb)
     }
@@ -500,7 +505,11 @@ impl Qcow2 {
         let clen = c.len() as u64;
         let storage = self.storage.clone();
         let rw = self.rw()?;
-        let cursor = rw.compressed_cursor;
+        let cursor = if rw.cursor_frees == rw.refcounts.frees {
+            rw.compressed_cursor
+        } else {
+            0
+        };
         let sharing = rw.refcounts.max_refcount() > 1;
         let mut start = None;
         if cursor != 0 && cursor % cs != 0 && sharing {
@@ -525,10 +534,13 @@ impl Qcow2 {
             Some(s) => s,
             None => self.alloc_clusters(clen.div_ceil(cs))?,
         };
+        self.forget_decompressed();
         self.storage
             .write_at(&c, start)
             .map_err(|e| Error::io(&self.path, "writing compressed cluster", start, e))?;
-        self.rw()?.compressed_cursor = start + clen;
+        let rw = self.rw()?;
+        rw.compressed_cursor = start + clen;
+        rw.cursor_frees = rw.refcounts.frees;
         let (old, _) = self.entry_of(guest_cluster)?;
         self.set_entry(guest_cluster, CompressedDesc::encode(start, clen, cb), 0)?;
         self.release_entry(old)?;
