@@ -101,8 +101,6 @@ struct DiskSpec {
     /// qemu-io -d target
     qdev: String,
     file: String,
-    size: u64,
-    raw: bool,
 }
 
 struct Vm {
@@ -264,38 +262,16 @@ impl Vm {
         .iter()
         .map(|s| s.to_string())
         .collect();
-        let spec = |qdev: &str, file: &str, size: u64, raw: bool| DiskSpec {
+        let spec = |qdev: &str, file: &str| DiskSpec {
             qdev: qdev.into(),
             file: format!("{d}/{file}"),
-            size,
-            raw,
         };
         let disks = vec![
-            spec(
-                "/machine/peripheral/vblk1/virtio-backend",
-                "d1.qcow2",
-                16 * MIB,
-                false,
-            ),
-            spec("sd2", "d2.qcow2", 8 * MIB, false),
-            spec(
-                "/machine/peripheral/vblk-r1/virtio-backend",
-                "r1.raw",
-                4 * MIB,
-                true,
-            ),
-            spec(
-                "/machine/peripheral/vblk3/virtio-backend",
-                "d3.qcow2",
-                8 * MIB,
-                false,
-            ),
-            spec(
-                "/machine/peripheral/vblk-ov/virtio-backend",
-                "ov.qcow2",
-                8 * MIB,
-                false,
-            ),
+            spec("/machine/peripheral/vblk1/virtio-backend", "d1.qcow2"),
+            spec("sd2", "d2.qcow2"),
+            spec("/machine/peripheral/vblk-r1/virtio-backend", "r1.raw"),
+            spec("/machine/peripheral/vblk3/virtio-backend", "d3.qcow2"),
+            spec("/machine/peripheral/vblk-ov/virtio-backend", "ov.qcow2"),
         ];
         let models = disks
             .iter()
@@ -399,12 +375,6 @@ impl Vm {
             .hmp(&format!("qemu-io -d {q} \"write -z {off} {len}\""));
         assert!(out.is_empty(), "{out}");
         self.models[i][off as usize..(off + len) as usize].fill(0);
-    }
-
-    fn flush_all(&mut self) {
-        for d in self.disks.clone() {
-            self.mon().hmp(&format!("qemu-io -d {} \"flush\"", d.qdev));
-        }
     }
 
     fn snapshot_models(&self) -> Vec<Vec<u8>> {
@@ -614,7 +584,6 @@ fn every_level_restores_to_the_disk_at_backup_time() {
             ],
         );
         assert!(info.contains("\"compat\": \"1.1\""), "{info}");
-        let _ = d.raw;
     }
     // The overlay's FULL stays sparse (zeros read through the fleecing node are unmapped).
     let ov_full = t
@@ -690,7 +659,7 @@ fn incrementals_under_continuous_writes_all_succeed() {
         let mut log: Vec<(usize, u64, u8)> = Vec::new();
         let mut n = 0u64;
         while !stop2.load(std::sync::atomic::Ordering::SeqCst) {
-            let (i, q, size) = if n % 2 == 0 {
+            let (i, q, size) = if n.is_multiple_of(2) {
                 (0, &q0, 16 * MIB)
             } else {
                 (1, &q1, 8 * MIB)
