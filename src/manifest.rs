@@ -89,9 +89,75 @@ pub fn compute_runs(image: &Path) -> Result<(u64, Vec<Run>)> {
     Ok((chain.virtual_size(), runs))
 }
 
+/// Builds the runs of a manifest from data as it is written (in guest order), so an image
+/// we write ourselves needs no second read.
+pub struct RunBuilder {
+    runs: Vec<Run>,
+    cur: Option<(u64, u64, crc32fast::Hasher)>,
+}
+
+impl Default for RunBuilder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl RunBuilder {
+    pub fn new() -> Self {
+        RunBuilder {
+            runs: Vec::new(),
+            cur: None,
+        }
+    }
+
+    fn close(&mut self) {
+        if let Some((s, l, h)) = self.cur.take() {
+            self.runs.push((s, l, format!("{:08x}", h.finalize())));
+        }
+    }
+
+    /// Adds guest data at `offset` (after everything added before).
+    pub fn feed(&mut self, mut offset: u64, mut data: &[u8]) {
+        while !data.is_empty() {
+            let continues =
+                matches!(&self.cur, Some((s, l, _)) if s + l == offset && offset % RUN_SIZE != 0);
+            if !continues {
+                self.close();
+                self.cur = Some((offset, 0, crc32fast::Hasher::new()));
+            }
+            let room = (RUN_SIZE - offset % RUN_SIZE) as usize;
+            let n = room.min(data.len());
+            let (_, l, h) = self.cur.as_mut().expect("open run");
+            h.update(&data[..n]);
+            *l += n as u64;
+            offset += n as u64;
+            data = &data[n..];
+        }
+    }
+
+    pub fn finish(mut self) -> Vec<Run> {
+        self.close();
+        self.runs
+    }
+}
+
+/// Writes a manifest from runs already computed.
+pub fn write_manifest_runs(
+    image: &Path,
+    uuid: Option<&str>,
+    virtual_size: u64,
+    runs: Vec<Run>,
+) -> Result<Manifest> {
+    store(image, uuid, virtual_size, runs)
+}
+
 /// Computes and writes `<image>.manifest` (atomically).
 pub fn write_manifest(image: &Path, uuid: Option<&str>) -> Result<Manifest> {
     let (virtual_size, runs) = compute_runs(image)?;
+    store(image, uuid, virtual_size, runs)
+}
+
+fn store(image: &Path, uuid: Option<&str>, virtual_size: u64, runs: Vec<Run>) -> Result<Manifest> {
     let m = Manifest {
         format: FORMAT.into(),
         version: 1,

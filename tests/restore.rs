@@ -213,8 +213,15 @@ fn merge_every_point_leaves_backups_untouched() {
         );
         clean(d, target.to_str().unwrap());
         same(d, target.to_str().unwrap(), model);
-        // the merged target gets a manifest that verifies
+        // the merged target gets a manifest (built while writing) that verifies by re-reading
         assert!(target.with_extension("qcow2.manifest").exists());
+        let m = qmpbackup::manifest::verify_manifest(&target)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            m.runs,
+            qmpbackup::manifest::compute_runs(&target).unwrap().1
+        );
     }
     // Without --until: the newest point.
     let t = out.join("latest.qcow2");

@@ -6,7 +6,7 @@ use crate::report;
 use anyhow::{bail, Context, Result};
 use qcow2::chain::Layer;
 use qcow2::ops::commit::commit_into;
-use qcow2::ops::convert::{to_qcow2, Qcow2ConvertOptions};
+use qcow2::ops::convert::{to_qcow2_observed, Qcow2ConvertOptions};
 use qcow2::ops::rebase::{rebase as qcow2_rebase, RebaseOptions};
 use qcow2::ops::throttle::Throttle;
 use qcow2::write::OpenRwOptions;
@@ -248,14 +248,18 @@ pub fn merge(c: &Common, target: &Path, rate_limit: u64) -> Result<()> {
         chain.newest().name,
         target.display()
     ));
-    to_qcow2(&stack, target, &opts).with_context(|| {
-        format!(
-            "{}: merge failed; no target was left behind",
-            target.display()
-        )
-    })?;
+    // The manifest is built from the data as it is written: no second read of the output.
+    let mut runs = manifest::RunBuilder::new();
+    to_qcow2_observed(&stack, target, &opts, &mut |off, data| runs.feed(off, data)).with_context(
+        || {
+            format!(
+                "{}: merge failed; no target was left behind",
+                target.display()
+            )
+        },
+    )?;
     let uuid = manifest::read_manifest(&chain.full.path)?.and_then(|m| m.uuid);
-    manifest::write_manifest(target, uuid.as_deref())?;
+    manifest::write_manifest_runs(target, uuid.as_deref(), stack.virtual_size(), runs.finish())?;
     Ok(())
 }
 

@@ -67,6 +67,16 @@ pub struct Qcow2ConvertOptions {
 /// Flattens the chain into a new standalone qcow2 image: zero and unallocated ranges stay
 /// unallocated, all-zero clusters are skipped, data is written in large runs.
 pub fn to_qcow2(chain: &Chain, dest: &Path, opts: &Qcow2ConvertOptions) -> Result<RawConvertStats> {
+    to_qcow2_observed(chain, dest, opts, &mut |_, _| {})
+}
+
+/// [`to_qcow2`], reporting every written run of guest data to `observer`.
+pub fn to_qcow2_observed(
+    chain: &Chain,
+    dest: &Path,
+    opts: &Qcow2ConvertOptions,
+    observer: WriteObserver<'_>,
+) -> Result<RawConvertStats> {
     let dest_s = dest.display().to_string();
     let out = PendingFile::new(dest, opts.overwrite)
         .map_err(|e| Error::file(&dest_s, "cannot create output", e))?;
@@ -83,17 +93,63 @@ pub fn to_qcow2(chain: &Chain, dest: &Path, opts: &Qcow2ConvertOptions) -> Resul
         dest.parent(),
         &copts,
     )?;
-    let stats = copy_into(
+    let stats = copy_into_observed(
         chain,
         &mut img,
         opts.compress,
         &mut Throttle::new(opts.rate_limit),
+        observer,
     )?;
     img.flush()?;
     drop(img);
     out.commit()
         .map_err(|e| Error::file(&dest_s, "cannot finish output", e))?;
     Ok(stats)
+}
+
+/// Called with every run of guest data written to the output, in guest order.
+pub type WriteObserver<'a> = &'a mut dyn FnMut(u64, &[u8]);
+
+/// A range read from the source, with the runs of non-zero clusters found in it.
+struct Piece {
+    offset: u64,
+    data: Vec<u8>,
+    runs: Vec<(usize, usize)>,
+}
+
+/// Guest ranges (cluster-aligned, merged) that may hold non-zero data: the clusters touching
+/// a data or compressed extent. Everything else reads as zeros and is never read.
+fn data_clusters(chain: &Chain, off: u64, n: u64, cs: u64) -> Result<Vec<(u64, u64)>> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for e in chain.map(off, n)? {
+        if e.reads_as_zero() {
+            continue;
+        }
+        let s = e.start / cs * cs;
+        let t = (e.end().div_ceil(cs) * cs).min(off + n);
+        match out.last_mut() {
+            Some(last) if last.1 >= s => last.1 = last.1.max(t),
+            _ => out.push((s, t)),
+        }
+    }
+    Ok(out)
+}
+
+/// Runs of clusters in `b` that are not all zero, as (start, end) byte positions.
+fn nonzero_runs(b: &[u8], cs: usize) -> Vec<(usize, usize)> {
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        let e = (i + cs).min(b.len());
+        if b[i..e].iter().any(|&x| x != 0) {
+            match runs.last_mut() {
+                Some(last) if last.1 == i => last.1 = e,
+                _ => runs.push((i, e)),
+            }
+        }
+        i = e;
+    }
+    runs
 }
 
 /// Copies the chain's non-zero clusters into an empty image of at least the same size.
@@ -103,54 +159,86 @@ pub fn copy_into(
     compress: bool,
     throttle: &mut Throttle,
 ) -> Result<RawConvertStats> {
-    let cs = img.cluster_size() as usize;
-    let size = chain.virtual_size().min(img.virtual_size());
-    let window = IO_CHUNK.max(cs) as u64;
-    let mut buf = vec![0u8; window as usize];
-    let mut stats = RawConvertStats::default();
-    let mut off = 0u64;
-    while off < size {
-        let n = window.min(size - off);
-        if chain.map(off, n)?.iter().all(|e| e.reads_as_zero()) {
-            off += n;
-            continue;
-        }
-        let b = &mut buf[..n as usize];
-        chain.read_at(b, off)?;
-        throttle.account(n);
-        // Runs of non-zero clusters are written at once.
-        let mut i = 0usize;
-        while i < b.len() {
-            let end_c = (i + cs).min(b.len());
-            if b[i..end_c].iter().all(|&x| x == 0) {
-                i = end_c;
-                continue;
-            }
-            if compress {
-                let mut cluster = vec![0u8; cs];
-                cluster[..end_c - i].copy_from_slice(&b[i..end_c]);
-                img.write_compressed((off + i as u64) / cs as u64, &cluster)?;
-                stats.bytes_written += (end_c - i) as u64;
-                i = end_c;
-                continue;
-            }
-            let mut j = end_c;
-            while j < b.len() {
-                let e = (j + cs).min(b.len());
-                if b[j..e].iter().all(|&x| x == 0) {
-                    break;
-                }
-                j = e;
-            }
-            img.write_at(&b[i..j], off + i as u64, None)?;
-            stats.bytes_written += (j - i) as u64;
-            i = j;
-        }
-        off += n;
-    }
-    Ok(stats)
+    copy_into_observed(chain, img, compress, throttle, &mut |_, _| {})
 }
 
+/// [`copy_into`], reporting every written run of guest data to `observer`, in guest order.
+/// Two threads: one maps and reads the source (never reading what maps as zeros) and finds
+/// the non-zero clusters; the other writes them in whole runs.
+pub fn copy_into_observed(
+    chain: &Chain,
+    img: &mut Qcow2,
+    compress: bool,
+    throttle: &mut Throttle,
+    observer: WriteObserver<'_>,
+) -> Result<RawConvertStats> {
+    use std::sync::mpsc::sync_channel;
+    let cs = img.cluster_size();
+    let size = chain.virtual_size().min(img.virtual_size());
+    let window = (IO_CHUNK as u64).max(cs);
+    let (to_writer, from_reader) = sync_channel::<Result<Piece>>(2);
+    let (recycle, spare) = sync_channel::<Vec<u8>>(4);
+    for _ in 0..3 {
+        let _ = recycle.send(vec![0u8; window as usize]);
+    }
+    let mut stats = RawConvertStats::default();
+    std::thread::scope(|scope| -> Result<()> {
+        scope.spawn(move || {
+            let read_all = || -> Result<()> {
+                let mut off = 0u64;
+                while off < size {
+                    let n = window.min(size - off);
+                    for (s, t) in data_clusters(chain, off, n, cs)? {
+                        let Ok(mut data) = spare.recv() else {
+                            return Ok(());
+                        };
+                        let len = (t - s) as usize;
+                        chain.read_at(&mut data[..len], s)?;
+                        let runs = nonzero_runs(&data[..len], cs as usize);
+                        if to_writer
+                            .send(Ok(Piece {
+                                offset: s,
+                                data,
+                                runs,
+                            }))
+                            .is_err()
+                        {
+                            return Ok(());
+                        }
+                    }
+                    off += n;
+                }
+                Ok(())
+            };
+            if let Err(e) = read_all() {
+                let _ = to_writer.send(Err(e));
+            }
+        });
+        for piece in from_reader.iter() {
+            let piece = piece?;
+            for &(a, b) in &piece.runs {
+                let off = piece.offset + a as u64;
+                let data = &piece.data[a..b];
+                if compress {
+                    for (k, c) in data.chunks(cs as usize).enumerate() {
+                        let mut cluster = vec![0u8; cs as usize];
+                        cluster[..c.len()].copy_from_slice(c);
+                        img.write_compressed(off / cs + k as u64, &cluster)?;
+                    }
+                } else {
+                    img.write_at(data, off, None)?;
+                }
+                observer(off, data);
+                stats.bytes_written += data.len() as u64;
+                throttle.account(data.len() as u64);
+            }
+            // The reader may already be gone; then the buffer is simply dropped.
+            let _ = recycle.try_send(piece.data);
+        }
+        Ok(())
+    })?;
+    Ok(stats)
+}
 /// Writes `buf` at `offset`, skipping aligned all-zero blocks (they stay holes).
 fn write_sparse(
     s: &dyn Storage,

@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# Merge and commit side by side with qemu-img, on the same files (issue: restore time).
+# Builds in a tmpfs a FULL (4 GiB virtual, 2 GiB data) and three INCs (256 MiB of scattered
+# 64 KiB rewrites each), then runs alternately, RUNS times each:
+#   ours-merge   qmprestore merge
+#   qemu-convert qemu-img convert -W -m 16 -O qcow2 of the equivalent backing chain
+#   orig-method  the original tool's: copy the FULL, then qemu-img rebase -u + commit per INC
+#   copy-bound   reading the inputs and writing the output's bytes, two streams
+#   ours-commit  qmprestore commit (on a copy of the directory)
+# and prints median wall time, CPU time, peak RSS and the ratios; every output is compared
+# with qemu-img compare. Usage: bash benches/compare.sh [RUNS]   (needs qemu-img, qemu-io)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RUNS=${1:-3}
+SIZE_MIB=${SIZE_MIB:-4096}; DATA_MIB=${DATA_MIB:-2048}; INC_MIB=${INC_MIB:-256}
+cargo build --release -q --workspace --bins
+B=$(pwd)/target/release
+base=/dev/shm; [ -d "$base" ] || base=${TMPDIR:-/tmp}
+W=$(mktemp -d "$base/qmpbench.XXXXXX")
+trap 'rm -rf "$W"' EXIT
+D=$W/dir; mkdir -p "$D"
+echo "building the chain in $W ..." >&2
+qemu-img create -q -f qcow2 "$D/FULL-1000-disk.qcow2" "${SIZE_MIB}M"
+step=512; off=0; cmds=()
+while [ $off -lt $DATA_MIB ]; do cmds+=(-c "write -P 0x11 ${off}M ${step}M"); off=$((off+step)); done
+qemu-io -f qcow2 "${cmds[@]}" "$D/FULL-1000-disk.qcow2" >/dev/null
+for i in 1 2 3; do
+  f="$D/INC-$((1000+i))-disk.qcow2"
+  qemu-img create -q -f qcow2 "$f" "${SIZE_MIB}M"
+  python3 - "$i" "$SIZE_MIB" "$INC_MIB" > "$W/cmds$i" <<'PY'
+import random, sys
+i, size, inc = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+r = random.Random(i); n = inc * 16; clusters = size * 16
+for c in r.sample(range(clusters), n):
+    print(f"write -P {0x20 + i} {c * 65536} 65536")
+PY
+  qemu-io -f qcow2 "$f" < "$W/cmds$i" >/dev/null
+done
+# The equivalent backing chain for qemu-img convert.
+mkdir -p "$W/chain"; cp "$D"/*.qcow2 "$W/chain/"
+prev=FULL-1000-disk.qcow2
+for i in 1 2 3; do
+  cur=INC-$((1000+i))-disk.qcow2
+  qemu-img rebase -u -b "$prev" -F qcow2 "$W/chain/$cur"; prev=$cur
+done
+TOP="$W/chain/$prev"
+
+measure() { # name, command... -> "wall cpu rss_kib"
+  local name=$1; shift
+  /usr/bin/time -f "%e %U %S %M" -o "$W/time" "$@" >/dev/null 2>"$W/err" || { cat "$W/err" >&2; exit 1; }
+  read -r wall u s rss < "$W/time"
+  echo "$name $wall $(echo "$u + $s" | bc) $rss" >> "$W/results"
+}
+[ -x /usr/bin/time ] || { apt-get install -y -q time >/dev/null 2>&1 || true; }
+command -v bc >/dev/null || { apt-get install -y -q bc >/dev/null 2>&1 || true; }
+: > "$W/results"
+for r in $(seq "$RUNS"); do
+  rm -f "$W/out-ours.qcow2" "$W/out-ours.qcow2.manifest"
+  measure ours-merge "$B/qmprestore" -q merge --dir "$D" --targetfile "$W/out-ours.qcow2"
+  rm -f "$W/out-conv.qcow2"
+  measure qemu-convert qemu-img convert -W -m 16 -O qcow2 "$TOP" "$W/out-conv.qcow2"
+  rm -rf "$W/orig"; mkdir "$W/orig"; cp "$D"/*.qcow2 "$W/orig/"
+  measure orig-method bash -c '
+    set -e; cd "$1"; prev=FULL-1000-disk.qcow2
+    for i in 1 2 3; do cur=INC-$((1000+i))-disk.qcow2
+      qemu-img rebase -u -b "$prev" -F qcow2 "$cur"; qemu-img commit -q "$cur"; rm -f "$cur"
+    done' _ "$W/orig"
+  rm -f "$W/out-copy"
+  measure copy-bound bash -c 'cat "$1"/INC-* > /dev/null & cp --sparse=never "$1/FULL-1000-disk.qcow2" "$2"; wait' _ "$D" "$W/out-copy"
+  rm -rf "$W/cm"; mkdir "$W/cm"; cp "$D"/*.qcow2 "$W/cm/"
+  measure ours-commit "$B/qmprestore" -q commit --dir "$W/cm"
+done
+for out in "$W/out-ours.qcow2" "$W/out-conv.qcow2" "$W/orig/FULL-1000-disk.qcow2" "$W/cm/FULL-1000-disk.qcow2"; do
+  qemu-img compare -q "$TOP" "$out" || { echo "MISMATCH: $out" >&2; exit 1; }
+  qemu-img check -q "$out" || { echo "CHECK FAILED: $out" >&2; exit 1; }
+done
+echo "all outputs compare equal and check clean" >&2
+python3 - "$W/results" <<'PY'
+import statistics, sys
+rows = {}
+for line in open(sys.argv[1]):
+    n, w, c, m = line.split(); rows.setdefault(n, []).append((float(w), float(c), int(m)))
+med = {n: (statistics.median(x[0] for x in v), statistics.median(x[1] for x in v), max(x[2] for x in v)) for n, v in rows.items()}
+print(f"{'method':<14}{'wall s':>9}{'cpu s':>9}{'peak RSS MiB':>14}")
+for n, (w, c, m) in med.items():
+    print(f"{n:<14}{w:>9.2f}{c:>9.2f}{m/1024:>14.1f}")
+m, q, o, b, cm = (med[k][0] for k in ("ours-merge", "qemu-convert", "orig-method", "copy-bound", "ours-commit"))
+print(f"merge / qemu-img convert -W -m 16 = {m/q:.2f}  (target <= 0.5)")
+print(f"merge / copy bound               = {m/b:.2f}  (target <= 1.5)")
+print(f"merge peak RSS                    = {med['ours-merge'][2]/1024:.1f} MiB (target <= 64)")
+print(f"commit / original method         = {cm/o:.2f}  (target <= 0.5)")
+PY
