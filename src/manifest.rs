@@ -119,8 +119,7 @@ impl RunBuilder {
     /// Adds guest data at `offset` (after everything added before).
     pub fn feed(&mut self, mut offset: u64, mut data: &[u8]) {
         while !data.is_empty() {
-            let continues =
-                matches!(&self.cur, Some((s, l, _)) if s + l == offset && offset % RUN_SIZE != 0);
+            let continues = matches!(&self.cur, Some((s, l, _)) if s + l == offset && !offset.is_multiple_of(RUN_SIZE));
             if !continues {
                 self.close();
                 self.cur = Some((offset, 0, crc32fast::Hasher::new()));
