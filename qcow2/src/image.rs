@@ -85,6 +85,7 @@ impl Qcow2 {
             header.l1_size as u64,
             file_len,
         )?;
+        check_l1(&l1, &header, path)?;
         let cache_entries = (DEFAULT_L2_CACHE_BYTES / header.cluster_size()).max(16) as usize;
         Ok(Qcow2 {
             path: path.to_string(),
@@ -410,6 +411,32 @@ pub fn read_table(
     let mut out = vec![0u64; n];
     BE::read_u64_into(&raw, &mut out);
     Ok(out)
+}
+
+/// Rejects an active L1 table whose entries point into the header or share one L2 table:
+/// never valid, and a hostile image could otherwise make one small L2 table stand for an
+/// enormous disk.
+fn check_l1(l1: &[u64], h: &Header, path: &str) -> Result<()> {
+    let mut seen = std::collections::HashMap::new();
+    for (i, &e) in l1.iter().enumerate() {
+        let off = entry::l1_l2_offset(e);
+        if off == 0 {
+            continue;
+        }
+        if off < h.cluster_size() {
+            return Err(Error::invalid(
+                path,
+                format!("L1 entry {i} points into the header (L2 table offset {off:#x})"),
+            ));
+        }
+        if let Some(j) = seen.insert(off, i) {
+            return Err(Error::invalid(
+                path,
+                format!("L1 entries {j} and {i} share the L2 table at {off:#x} (image is corrupt)"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Reads and parses cluster 0.

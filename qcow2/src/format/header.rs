@@ -398,7 +398,9 @@ impl Header {
                     self.backing_file_size
                 );
             }
-            let end = self.backing_file_offset + self.backing_file_size as u64;
+            let end = self
+                .backing_file_offset
+                .saturating_add(self.backing_file_size as u64);
             if self.backing_file_offset > cs || end > cs {
                 bail_format!("backing file name does not fit in the first cluster");
             }
