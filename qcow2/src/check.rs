@@ -51,6 +51,21 @@ fn is_zero(v: &u64) -> bool {
 }
 
 impl CheckReport {
+    /// True when the only corruptions are COPIED flags that disagree with refcounts that
+    /// are not too low: what an interrupted snapshot create or delete leaves (QEMU's own has
+    /// the same window). Reading is unaffected; `check -r all` recomputes the flags.
+    pub fn only_stale_copied_flags(&self) -> bool {
+        let copied = self
+            .messages
+            .iter()
+            .filter(|m| m.starts_with("ERROR OFLAG_COPIED"))
+            .count() as u64;
+        self.corruptions > 0
+            && self.corruptions == copied
+            && self.check_errors == 0
+            && self.undercounted.is_empty()
+    }
+
     /// qemu-img check's exit code: 0 clean, 2 corruptions, 3 leaks only.
     pub fn exit_code(&self) -> i32 {
         if self.corruptions > 0 || self.check_errors > 0 {

@@ -15,23 +15,22 @@ pub enum Error {
     #[error("{path}: not supported: {msg}")]
     Unsupported { path: String, msg: String },
 
-    /// Reading or writing the file failed.
-    #[error("{path}: {op} at offset {offset:#x}: {source}")]
+    /// Reading or writing the file failed. The OS error is part of the message (and not
+    /// also a `source()`, which would print it twice in an error chain).
+    #[error("{path}: {op} at offset {offset:#x}: {cause}")]
     Io {
         path: String,
         op: &'static str,
         offset: u64,
-        #[source]
-        source: io::Error,
+        cause: io::Error,
     },
 
     /// Opening, creating or renaming a file failed.
-    #[error("{path}: {op}: {source}")]
+    #[error("{path}: {op}: {cause}")]
     File {
         path: String,
         op: &'static str,
-        #[source]
-        source: io::Error,
+        cause: io::Error,
     },
 
     /// A request that cannot be carried out (bad argument, out-of-range offset...).
@@ -59,7 +58,7 @@ impl Error {
             path: path.into(),
             op,
             offset,
-            source,
+            cause: source,
         }
     }
 
@@ -67,7 +66,7 @@ impl Error {
         Error::File {
             path: path.into(),
             op,
-            source,
+            cause: source,
         }
     }
 }

@@ -84,6 +84,7 @@ impl Storage for FileStorage {
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        fault::before_write()?;
         self.file.write_all_at(buf, offset)
     }
 
@@ -92,6 +93,7 @@ impl Storage for FileStorage {
     }
 
     fn set_len(&self, len: u64) -> io::Result<()> {
+        fault::before_write()?;
         self.file.set_len(len)
     }
 
@@ -121,6 +123,60 @@ impl Storage for FileStorage {
         // Punching holes is only an optimisation: a filesystem that cannot do it is fine.
         let _ = rc;
         Ok(())
+    }
+}
+
+/// Fault injection for the crash and full-disk tests, off unless the environment asks for
+/// it: `QCOW2_FAULT_AFTER_WRITES=N` makes the Nth file write (or resize) of the process fail;
+/// `QCOW2_FAULT_KIND=kill` (the default) sends the process SIGKILL at that point, as a crash
+/// would, and `enospc` makes that write and every later one fail with ENOSPC, as a full
+/// filesystem would. One relaxed atomic per write when on, one load when off.
+pub mod fault {
+    use std::io;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::OnceLock;
+
+    #[derive(Clone, Copy)]
+    enum Kind {
+        Kill,
+        NoSpace,
+    }
+
+    static PLAN: OnceLock<Option<(u64, Kind)>> = OnceLock::new();
+    static WRITES: AtomicU64 = AtomicU64::new(0);
+
+    fn plan() -> Option<(u64, Kind)> {
+        *PLAN.get_or_init(|| {
+            let n = std::env::var("QCOW2_FAULT_AFTER_WRITES")
+                .ok()?
+                .parse()
+                .ok()?;
+            let kind = match std::env::var("QCOW2_FAULT_KIND").as_deref() {
+                Ok("enospc") => Kind::NoSpace,
+                _ => Kind::Kill,
+            };
+            Some((n, kind))
+        })
+    }
+
+    pub(super) fn before_write() -> io::Result<()> {
+        let Some((n, kind)) = plan() else {
+            return Ok(());
+        };
+        let count = WRITES.fetch_add(1, Ordering::Relaxed) + 1;
+        if count < n {
+            return Ok(());
+        }
+        match kind {
+            Kind::Kill => {
+                // SAFETY: signalling our own process.
+                unsafe {
+                    libc::kill(libc::getpid(), libc::SIGKILL);
+                }
+                Ok(())
+            }
+            Kind::NoSpace => Err(io::Error::from_raw_os_error(libc::ENOSPC)),
+        }
     }
 }
 
@@ -216,9 +272,12 @@ impl PendingFile {
         let name = dest
             .file_name()
             .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no file name"))?;
-        let mut tmp_name = std::ffi::OsString::from(".");
-        tmp_name.push(name);
-        tmp_name.push(format!(".tmp{}", std::process::id()));
+        let mut prefix = std::ffi::OsString::from(".");
+        prefix.push(name);
+        prefix.push(".tmp");
+        remove_stale_temporaries(dest, &prefix);
+        let mut tmp_name = prefix;
+        tmp_name.push(std::process::id().to_string());
         let tmp = dest.with_file_name(tmp_name);
         let _ = std::fs::remove_file(&tmp);
         Ok(PendingFile {
@@ -257,6 +316,38 @@ impl PendingFile {
             let _ = d.sync_all();
         }
         Ok(())
+    }
+}
+
+/// Removes `<prefix><pid>` files beside `dest` whose writer process is gone: what a run
+/// killed before its rename left behind. A live writer's file is never touched.
+fn remove_stale_temporaries(dest: &Path, prefix: &std::ffi::OsStr) {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = match dest.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let prefix = prefix.as_bytes();
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .as_bytes()
+            .strip_prefix(prefix)
+            .and_then(|p| std::str::from_utf8(p).ok())
+            .and_then(|p| p.parse::<libc::pid_t>().ok())
+        else {
+            continue;
+        };
+        // SAFETY: signal 0 only asks whether the process exists.
+        let gone = pid > 0
+            && unsafe { libc::kill(pid, 0) } != 0
+            && io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+        if gone {
+            let _ = std::fs::remove_file(entry.path());
+        }
     }
 }
 

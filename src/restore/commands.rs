@@ -9,6 +9,7 @@ use qcow2::ops::commit::commit_into;
 use qcow2::ops::convert::{to_qcow2_observed, Qcow2ConvertOptions};
 use qcow2::ops::rebase::{rebase as qcow2_rebase, RebaseOptions};
 use qcow2::ops::throttle::Throttle;
+use qcow2::repair::{repair, RepairMode};
 use qcow2::write::OpenRwOptions;
 use qcow2::{check, Format, OpenOptions, Qcow2};
 use serde::Serialize;
@@ -87,7 +88,13 @@ pub fn preflight(chain: &Chain, skip_check: bool) -> Result<()> {
             let q = c.top().as_qcow2().expect("qcow2");
             let r =
                 check::check(q).with_context(|| format!("{}: cannot check", f.path.display()))?;
-            if r.corruptions > 0 || r.check_errors > 0 {
+            if r.only_stale_copied_flags() {
+                report::warn(format!(
+                    "{}: {} stale COPIED flag(s), as an interrupted snapshot operation leaves them: harmless for reading; commands that change the file repair them first",
+                    f.path.display(),
+                    r.corruptions
+                ));
+            } else if r.corruptions > 0 || r.check_errors > 0 {
                 bail!(
                     "{}: damaged image ({} errors: {}); nothing was changed. Restore up to the previous point with --until, or check the file with `qcow2 check`",
                     f.path.display(),
@@ -158,6 +165,44 @@ pub fn rebase(c: &Common, dry_run: bool) -> Result<()> {
     Ok(())
 }
 
+/// Opens the FULL for an in-place change. What an interrupted earlier run may have left —
+/// leaked clusters, or the lazy-refcounts dirty bit — is repaired first, as QEMU repairs a
+/// dirty image when it opens it, so the finished FULL checks clean.
+fn open_full_for_writing(full: &BackupFile) -> Result<Qcow2> {
+    let path = &full.path;
+    let (dirty, leaks, stale_flags) = {
+        let img = Qcow2::open(path)
+            .with_context(|| format!("{}: cannot open backup file", path.display()))?;
+        let report =
+            check::check(&img).with_context(|| format!("{}: cannot check", path.display()))?;
+        (
+            img.header().is_dirty(),
+            report.leaks,
+            report.only_stale_copied_flags(),
+        )
+    };
+    if dirty || leaks > 0 || stale_flags {
+        let mode = if dirty || stale_flags {
+            RepairMode::All
+        } else {
+            RepairMode::Leaks
+        };
+        let r = repair(path, mode).with_context(|| format!("{}: repair failed", path.display()))?;
+        report::info(format!(
+            "{}: repaired what an interrupted run left ({} leaked cluster(s){})",
+            full.name,
+            r.leaks_fixed,
+            if dirty || stale_flags {
+                ", refcounts and COPIED flags recomputed"
+            } else {
+                ""
+            }
+        ));
+    }
+    Qcow2::open_rw(path, OpenRwOptions::default())
+        .with_context(|| format!("{}: cannot open for writing", path.display()))
+}
+
 fn commit_inc(full: &mut Qcow2, inc: &BackupFile, rate_limit: u64) -> Result<()> {
     let inc_chain = open_alone(inc)?;
     commit_into(full, None, &inc_chain, 1, &mut Throttle::new(rate_limit))
@@ -178,8 +223,7 @@ fn interrupted_hint(full: &BackupFile, inc: &BackupFile, cmd: &str) -> String {
 pub fn commit(c: &Common, rate_limit: u64) -> Result<()> {
     let (_, chain) = select_chain(c)?;
     preflight(&chain, c.skip_check)?;
-    let mut full = Qcow2::open_rw(&chain.full.path, OpenRwOptions::default())
-        .with_context(|| format!("{}: cannot open for writing", chain.full.path.display()))?;
+    let mut full = open_full_for_writing(&chain.full)?;
     for inc in &chain.incs {
         report::info(format!("committing {} into {}", inc.name, chain.full.name));
         commit_inc(&mut full, inc, rate_limit)
@@ -271,8 +315,7 @@ pub const FULL_SNAPSHOT: &str = "FULL-BACKUP";
 pub fn snapshotrebase(c: &Common, rate_limit: u64) -> Result<()> {
     let (_, chain) = select_chain(c)?;
     preflight(&chain, c.skip_check)?;
-    let mut full = Qcow2::open_rw(&chain.full.path, OpenRwOptions::default())
-        .with_context(|| format!("{}: cannot open for writing", chain.full.path.display()))?;
+    let mut full = open_full_for_writing(&chain.full)?;
     let existing: Vec<String> = full.snapshots()?.into_iter().map(|s| s.name).collect();
     if !existing.iter().any(|n| n == FULL_SNAPSHOT) {
         full.snapshot_create(FULL_SNAPSHOT)?;
@@ -341,7 +384,13 @@ pub fn verify(c: &Common) -> Result<Vec<VerifiedFile>> {
             let ch = open_alone(f)?;
             let q = ch.top().as_qcow2().expect("qcow2");
             let r = check::check(q)?;
-            if r.corruptions > 0 || r.check_errors > 0 {
+            if r.only_stale_copied_flags() {
+                report::warn(format!(
+                    "{}: {} stale COPIED flag(s), as an interrupted snapshot operation leaves them: harmless for reading; commands that change the file repair them first",
+                    f.path.display(),
+                    r.corruptions
+                ));
+            } else if r.corruptions > 0 || r.check_errors > 0 {
                 bail!(
                     "{}: structural damage: {}",
                     f.path.display(),

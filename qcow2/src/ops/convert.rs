@@ -214,28 +214,36 @@ pub fn copy_into_observed(
                 let _ = to_writer.send(Err(e));
             }
         });
-        for piece in from_reader.iter() {
-            let piece = piece?;
-            for &(a, b) in &piece.runs {
-                let off = piece.offset + a as u64;
-                let data = &piece.data[a..b];
-                if compress {
-                    for (k, c) in data.chunks(cs as usize).enumerate() {
-                        let mut cluster = vec![0u8; cs as usize];
-                        cluster[..c.len()].copy_from_slice(c);
-                        img.write_compressed(off / cs + k as u64, &cluster)?;
+        let mut write_all = |stats: &mut RawConvertStats| -> Result<()> {
+            for piece in from_reader.iter() {
+                let piece = piece?;
+                for &(a, b) in &piece.runs {
+                    let off = piece.offset + a as u64;
+                    let data = &piece.data[a..b];
+                    if compress {
+                        for (k, c) in data.chunks(cs as usize).enumerate() {
+                            let mut cluster = vec![0u8; cs as usize];
+                            cluster[..c.len()].copy_from_slice(c);
+                            img.write_compressed(off / cs + k as u64, &cluster)?;
+                        }
+                    } else {
+                        img.write_at(data, off, None)?;
                     }
-                } else {
-                    img.write_at(data, off, None)?;
+                    observer(off, data);
+                    stats.bytes_written += data.len() as u64;
+                    throttle.account(data.len() as u64);
                 }
-                observer(off, data);
-                stats.bytes_written += data.len() as u64;
-                throttle.account(data.len() as u64);
+                // The reader may already be gone; then the buffer is simply dropped.
+                let _ = recycle.try_send(piece.data);
             }
-            // The reader may already be gone; then the buffer is simply dropped.
-            let _ = recycle.try_send(piece.data);
-        }
-        Ok(())
+            Ok(())
+        };
+        let result = write_all(&mut stats);
+        // Dropping both ends wakes a reader blocked on either channel, so a failed write
+        // (ENOSPC, say) ends the reader too instead of leaving it waiting for a buffer.
+        drop(from_reader);
+        drop(recycle);
+        result
     })?;
     Ok(stats)
 }

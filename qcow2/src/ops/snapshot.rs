@@ -94,8 +94,12 @@ impl Qcow2 {
         self.storage
             .write_at(&raw, l1_off)
             .map_err(self.io_err("writing snapshot L1 table", l1_off))?;
-        // 2. every table and cluster it reaches gets one more reference
+        // 2. every table and cluster it reaches gets one more reference, and the active
+        // tables lose COPIED, all on disk before the snapshot becomes visible: a stale
+        // COPIED on a shared cluster would let a writer overwrite the snapshot's data.
         self.tree_increment(&l1)?;
+        self.recompute_copied()?;
+        self.flush()?;
         // 3. the new table
         let (date_sec, date_nsec) = now();
         snaps.push(Snapshot {
@@ -112,8 +116,6 @@ impl Qcow2 {
             extra: Vec::new(),
         });
         self.store_snapshot_table(&snaps)?;
-        // 4. nothing in the active tables is private any more
-        self.recompute_copied()?;
         self.flush()?;
         Ok(id.to_string())
     }
