@@ -377,6 +377,19 @@ impl Vm {
         self.models[i][off as usize..(off + len) as usize].fill(0);
     }
 
+    /// After QEMU was killed, the disks hold what reached them (QEMU's caches died with it):
+    /// the models become what the files now read.
+    fn reload_models(&mut self) {
+        assert!(self.child.is_none(), "QEMU must be stopped");
+        for (s, m) in self.disks.iter().zip(self.models.iter_mut()) {
+            let raw = format!("{}.reload", s.file);
+            let _ = std::fs::remove_file(&raw);
+            sh("qemu-img", &["convert", "-U", "-O", "raw", &s.file, &raw]);
+            *m = std::fs::read(&raw).unwrap();
+            let _ = std::fs::remove_file(&raw);
+        }
+    }
+
     fn snapshot_models(&self) -> Vec<Vec<u8>> {
         self.models.clone()
     }
@@ -1095,4 +1108,344 @@ fn busy_socket_and_tcp_socket() {
     };
     let _ = child.kill();
     let _ = child.wait();
+}
+
+// ---- Faults: QEMU killed, targets unwritable or full, bitmaps lost, odd VM states -------
+
+/// Starts qmpbackup in the background (for faults injected while it runs).
+fn spawn_backup(vm: &Vm, args: &[&str]) -> Child {
+    let sock = vm.sock();
+    Command::new(env!("CARGO_BIN_EXE_qmpbackup"))
+        .arg("--socket")
+        .arg(&sock)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn finish(mut child: Child) -> (i32, String) {
+    let st = child.wait().unwrap();
+    let mut err = String::new();
+    let _ = child.stderr.take().unwrap().read_to_string(&mut err);
+    (st.code().unwrap_or(-1), err)
+}
+
+/// Nothing of an unfinished run may remain in the disk's directory: no INC or partial, no
+/// fleece image.
+fn no_unfinished_files(dir: &Path) {
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let n = e.file_name().to_string_lossy().into_owned();
+        assert!(
+            !n.starts_with("INC-") && !n.contains("partial") && !n.contains("fleece"),
+            "left behind in {}: {n}",
+            dir.display()
+        );
+    }
+}
+
+/// A tmpfs mounted for the test (root only) and unmounted on every path.
+struct TmpMount(PathBuf);
+
+impl TmpMount {
+    fn new(path: &Path, opts: &str) -> Option<TmpMount> {
+        std::fs::create_dir_all(path).unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", opts, "tmpfs"])
+            .arg(path)
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        if !ok {
+            eprintln!("skipped: cannot mount a tmpfs (not root?)");
+        }
+        ok.then(|| TmpMount(path.to_path_buf()))
+    }
+
+    fn remount(&self, opts: &str) {
+        let st = Command::new("mount")
+            .args(["-o", &format!("remount,{opts}")])
+            .arg(&self.0)
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+}
+
+impl Drop for TmpMount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn qemu_killed_mid_backup_then_auto_starts_a_new_full() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut vm = Vm::standard(tmp.path());
+    let t = tmp.path().join("bk");
+    let ts = t.display().to_string();
+    backup_ok(&vm, &["backup", "-l", "full", "-t", &ts, "-i", "vblk1"]);
+    vm.write(0, 0, 4 * MIB, 0x77);
+    wait_ts_tick();
+    let child = spawn_backup(
+        &vm,
+        &[
+            "backup",
+            "-l",
+            "inc",
+            "-t",
+            &ts,
+            "-i",
+            "vblk1",
+            "--speed-limit",
+            "128K",
+        ],
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    vm.kill(); // SIGKILL: the QMP socket closes under the running backup
+    let (code, err) = finish(child);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("QEMU went away"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    let dir = t.join("d1.qcow2");
+    no_unfinished_files(&dir);
+    // The socket is gone: a clear error, not a hang.
+    let (c, _, e) = qmpbackup(&vm, &["info", "--show", "blockdev"]);
+    assert_eq!(c, 1);
+    assert!(e.contains("qmp.sock"), "{e}");
+    // QEMU restarted: the bitmap added at runtime was never stored (QEMU died), so the
+    // chain cannot continue: inc says so, auto takes a new full and says why.
+    vm.reload_models();
+    vm.start();
+    wait_ts_tick();
+    let (c, _, e) = qmpbackup(&vm, &["backup", "-l", "inc", "-t", &ts, "-i", "vblk1"]);
+    assert_eq!(c, 1);
+    assert!(
+        e.contains("missing") && e.contains("run a full backup"),
+        "{e}"
+    );
+    let err = backup_ok(&vm, &["backup", "-l", "auto", "-t", &ts, "-i", "vblk1"]);
+    assert!(err.contains("full backup (bitmap"), "{err}");
+    assert_eq!(files(&dir, "FULL-").len(), 2);
+    assert_restores_to(&dir, None, &vm.models[0], "after-kill");
+    no_leftovers(&vm);
+}
+
+#[test]
+fn bitmap_left_in_use_by_a_killed_qemu() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut vm = Vm::standard(tmp.path());
+    let t = tmp.path().join("bk");
+    let ts = t.display().to_string();
+    backup_ok(
+        &vm,
+        &["backup", "-l", "full", "-t", &ts, "-i", "vblk1,vblk3"],
+    );
+    // A clean restart stores the bitmaps; the restarted QEMU marks them in use in the
+    // images, so a SIGKILL now leaves them in use, and the next QEMU loads them inconsistent.
+    vm.quit();
+    vm.start();
+    vm.write(0, MIB, 64 * 1024, 0x61);
+    vm.write(3, MIB, 64 * 1024, 0x62);
+    vm.kill();
+    vm.reload_models();
+    vm.start();
+    let q = vm.mon().cmd("query-block", json!({}));
+    assert!(q.to_string().contains("\"inconsistent\":true"), "{q}");
+    wait_ts_tick();
+    let (c, _, e) = qmpbackup(
+        &vm,
+        &["backup", "-l", "inc", "-t", &ts, "-i", "vblk1,vblk3"],
+    );
+    assert_eq!(c, 1);
+    assert!(
+        e.contains("inconsistent") && e.contains("run a full backup"),
+        "{e}"
+    );
+    let err = backup_ok(
+        &vm,
+        &["backup", "-l", "auto", "-t", &ts, "-i", "vblk1,vblk3"],
+    );
+    assert!(err.contains("is inconsistent"), "{err}");
+    // The new chain continues normally.
+    vm.write(0, 2 * MIB, 4096, 0x63);
+    wait_ts_tick();
+    backup_ok(
+        &vm,
+        &["backup", "-l", "inc", "-t", &ts, "-i", "vblk1,vblk3"],
+    );
+    assert_restores_to(&t.join("d1.qcow2"), None, &vm.models[0], "inuse-d1");
+    assert_restores_to(&t.join("d3.qcow2"), None, &vm.models[3], "inuse-d3");
+    // The stale inconsistent bitmaps were replaced, not left to slow the guest down.
+    let q = vm.mon().cmd("query-block", json!({}));
+    assert!(!q.to_string().contains("\"inconsistent\":true"), "{q}");
+    no_leftovers(&vm);
+}
+
+#[test]
+fn target_not_writable_or_full() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut vm = Vm::standard(tmp.path());
+    // A target below a regular file.
+    let file = tmp.path().join("a-file");
+    std::fs::write(&file, b"x").unwrap();
+    let bad = file.join("bk");
+    let (c, _, e) = qmpbackup(
+        &vm,
+        &[
+            "backup",
+            "-l",
+            "full",
+            "-t",
+            bad.to_str().unwrap(),
+            "-i",
+            "vblk1",
+        ],
+    );
+    assert_eq!(c, 1);
+    assert!(e.contains("a-file") && !e.contains("panicked"), "{e}");
+    no_leftovers(&vm);
+    // A read-only filesystem.
+    if let Some(_ro) = TmpMount::new(&tmp.path().join("ro"), "ro,size=16m") {
+        let t = tmp.path().join("ro");
+        let (c, _, e) = qmpbackup(
+            &vm,
+            &[
+                "backup",
+                "-l",
+                "full",
+                "-t",
+                t.to_str().unwrap(),
+                "-i",
+                "vblk1",
+            ],
+        );
+        assert_eq!(c, 1);
+        assert!(e.contains("Read-only file system"), "{e}");
+        no_leftovers(&vm);
+    }
+    // A filesystem that fills up during an incremental: a clear error, nothing left, and
+    // once there is room the next inc holds every change.
+    let Some(small) = TmpMount::new(&tmp.path().join("small"), "size=3m") else {
+        return;
+    };
+    let t = tmp.path().join("small");
+    let ts = t.display().to_string();
+    backup_ok(&vm, &["backup", "-l", "full", "-t", &ts, "-i", "vblk1"]);
+    vm.write(0, 4 * MIB, 3 * MIB, 0x71);
+    wait_ts_tick();
+    let (c, _, e) = qmpbackup(&vm, &["backup", "-l", "inc", "-t", &ts, "-i", "vblk1"]);
+    assert_eq!(c, 1, "{e}");
+    assert!(e.contains("No space left on device"), "{e}");
+    let dir = t.join("d1.qcow2");
+    no_unfinished_files(&dir);
+    no_leftovers(&vm);
+    small.remount("size=64m");
+    vm.write(0, 8 * MIB, 64 * 1024, 0x72);
+    wait_ts_tick();
+    backup_ok(&vm, &["backup", "-l", "inc", "-t", &ts, "-i", "vblk1"]);
+    assert_eq!(files(&dir, "INC-").len(), 1);
+    assert_restores_to(&dir, None, &vm.models[0], "after-enospc");
+}
+
+#[test]
+fn disk_added_after_the_last_full() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut vm = Vm::standard(tmp.path());
+    let t = tmp.path().join("bk");
+    let ts = t.display().to_string();
+    backup_ok(&vm, &["backup", "-l", "full", "-t", &ts, "-i", "vblk1"]);
+    // Hot-plug a new disk.
+    let new = tmp.path().join("new.qcow2");
+    sh(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", new.to_str().unwrap(), "4M"],
+    );
+    vm.mon().cmd(
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": "newdisk",
+               "file": {"driver": "file", "filename": new.display().to_string()}}),
+    );
+    vm.mon().cmd(
+        "device_add",
+        json!({"driver": "virtio-blk-pci", "drive": "newdisk", "id": "vblk-new"}),
+    );
+    vm.disks.push(DiskSpec {
+        qdev: "/machine/peripheral/vblk-new/virtio-backend".into(),
+        file: new.display().to_string(),
+    });
+    vm.models.push(vec![0u8; 4 * MIB as usize]);
+    let n = vm.disks.len() - 1;
+    vm.write(n, 0, 128 * 1024, 0x81);
+    vm.write(0, 3 * MIB, 64 * 1024, 0x82);
+    wait_ts_tick();
+    let sel = "vblk1,vblk-new";
+    let (c, _, e) = qmpbackup(&vm, &["backup", "-l", "inc", "-t", &ts, "-i", sel]);
+    assert_eq!(c, 1);
+    assert!(
+        e.contains("missing on vblk-new") && e.contains("run a full backup"),
+        "{e}"
+    );
+    let err = backup_ok(&vm, &["backup", "-l", "auto", "-t", &ts, "-i", sel]);
+    assert!(err.contains("vblk-new: full backup (bitmap"), "{err}");
+    assert_eq!(files(&t.join("d1.qcow2"), "INC-").len(), 1);
+    assert_eq!(files(&t.join("new.qcow2"), "FULL-").len(), 1);
+    vm.write(n, MIB, 4096, 0x83);
+    wait_ts_tick();
+    backup_ok(&vm, &["backup", "-l", "inc", "-t", &ts, "-i", sel]);
+    assert_restores_to(&t.join("d1.qcow2"), None, &vm.models[0], "added-d1");
+    assert_restores_to(&t.join("new.qcow2"), None, &vm.models[n], "added-new");
+}
+
+/// A QMP peer that reports the VM as shut down (a real QEMU only gets there when a guest
+/// powers off under -no-shutdown).
+#[test]
+fn vm_in_the_shutdown_state() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("fake.sock");
+    let l = UnixListener::bind(&path).unwrap();
+    let server = std::thread::spawn(move || {
+        let (s, _) = l.accept().unwrap();
+        let mut w = s.try_clone().unwrap();
+        let r = BufReader::new(s);
+        writeln!(w, r#"{{"QMP": {{"version": {{"qemu": {{"micro": 0, "minor": 0, "major": 10}}, "package": ""}}, "capabilities": []}}}}"#).unwrap();
+        for line in r.lines() {
+            let Ok(line) = line else { break };
+            let v: Value = serde_json::from_str(&line).unwrap();
+            let ret = match v["execute"].as_str().unwrap_or("") {
+                "query-version" => {
+                    json!({"qemu": {"major": 10, "minor": 0, "micro": 0}, "package": ""})
+                }
+                "query-status" => {
+                    json!({"status": "shutdown", "running": false, "singlestep": false})
+                }
+                _ => json!({}),
+            };
+            let mut reply = json!({"return": ret});
+            if let Some(id) = v.get("id") {
+                reply["id"] = id.clone();
+            }
+            if writeln!(w, "{reply}").is_err() {
+                break;
+            }
+        }
+    });
+    let out = Command::new(env!("CARGO_BIN_EXE_qmpbackup"))
+        .args([
+            "--socket",
+            path.to_str().unwrap(),
+            "backup",
+            "-l",
+            "auto",
+            "-t",
+        ])
+        .arg(tmp.path().join("bk"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("'shutdown'"), "{err}");
+    assert!(!tmp.path().join("bk").join("uuid").exists());
+    let _ = server.join();
 }

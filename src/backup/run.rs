@@ -206,6 +206,27 @@ async fn run_setup(
             undo.added_nodes.push(p.flc.clone());
         }
     }
+    // A new FULL over a chain that cannot continue: its bitmap (inconsistent, or with no
+    // FULL behind it) is useless, and QEMU cannot remove and re-add one name within a
+    // single transaction, so it goes first.
+    for p in disks
+        .iter()
+        .filter(|p| p.level == Level::Full && p.replace_bitmap)
+    {
+        qmp.execute(
+            "block-dirty-bitmap-remove",
+            json!({"node": p.disk.node, "name": opts.bitmap}),
+        )
+        .await
+        .map_err(|e| {
+            anyhow!(
+                "{}: removing the old bitmap {}: {}",
+                p.disk.label(),
+                opts.bitmap,
+                e.desc()
+            )
+        })?;
+    }
     check_abort(abort).await?;
     // Quiesce and/or pause exactly around the point in time.
     if let Some(a) = agent {
@@ -228,9 +249,6 @@ async fn run_setup(
     for p in disks {
         match p.level {
             Level::Full => {
-                if p.replace_bitmap {
-                    cut.push(json!({"type": "block-dirty-bitmap-remove", "data": {"node": p.disk.node, "name": opts.bitmap}}));
-                }
                 cut.push(json!({"type": "block-dirty-bitmap-add", "data": {"node": p.disk.node, "name": opts.bitmap, "persistent": p.persistent}}));
             }
             Level::Inc => {
