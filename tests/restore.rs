@@ -745,3 +745,162 @@ fn merge_onto_a_real_full_filesystem() {
     assert!(e.contains("No space left on device"), "{e}");
     assert!(entries(&mnt).is_empty(), "left behind: {:?}", entries(&mnt));
 }
+
+// ---- Hostile and damaged files in a backup directory ------------------------------------
+
+/// Runs qmprestore with a 20 s limit and a 2 GiB address-space limit: (exit code, stderr).
+fn restore_limited(cwd: &Path, args: &[&str]) -> (i32, String) {
+    use std::io::Read;
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_qmprestore"));
+    cmd.args(args)
+        .current_dir(cwd)
+        .env_clear()
+        .env("PATH", "/nonexistent")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    // SAFETY: setrlimit only, between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            let lim = libc::rlimit {
+                rlim_cur: 2 << 30,
+                rlim_max: 2 << 30,
+            };
+            libc::setrlimit(libc::RLIMIT_AS, &lim);
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    let mut pipe = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = pipe.read_to_string(&mut s);
+        s
+    });
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            return (st.code().unwrap_or(-1), reader.join().unwrap());
+        }
+        if start.elapsed() > std::time::Duration::from_secs(20) {
+            let _ = child.kill();
+            panic!("qmprestore {args:?} hung (> 20 s)");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
+/// Variants of a good backup file: truncated, absurd header fields, wild table entries,
+/// random bit flips in the metadata.
+fn hostile_variants(good: &[u8]) -> Vec<(String, Vec<u8>)> {
+    let put32 =
+        |b: &mut Vec<u8>, off: usize, v: u32| b[off..off + 4].copy_from_slice(&v.to_be_bytes());
+    let put64 =
+        |b: &mut Vec<u8>, off: usize, v: u64| b[off..off + 8].copy_from_slice(&v.to_be_bytes());
+    let mut out = Vec::new();
+    for len in [
+        0,
+        50,
+        104,
+        4096,
+        65536,
+        65536 * 3 + 7,
+        good.len() / 2,
+        good.len() - 1,
+    ] {
+        out.push((
+            format!("truncated-{len}"),
+            good[..len.min(good.len())].to_vec(),
+        ));
+    }
+    let pokes: Vec<(&str, usize, u64, bool)> = vec![
+        ("l1-size-max", 36, u32::MAX as u64, false),
+        ("cluster-bits-40", 20, 40, false),
+        ("refcount-order-9", 96, 9, false),
+        ("header-length-huge", 100, u32::MAX as u64, false),
+        ("snapshots-max", 60, u32::MAX as u64, false),
+        ("size-max", 24, u64::MAX, true),
+        ("l1-offset-past-eof", 40, 1 << 50, true),
+        ("reftable-offset-past-eof", 48, 1 << 50, true),
+        ("unknown-incompat", 72, 1 << 12, true),
+        ("corrupt-bit", 72, 2, true),
+        ("backing-name-huge", 16, u32::MAX as u64, false),
+    ];
+    for (name, off, v, wide) in pokes {
+        let mut b = good.to_vec();
+        if wide {
+            put64(&mut b, off, v);
+        } else {
+            put32(&mut b, off, v as u32);
+        }
+        out.push((name.to_string(), b));
+    }
+    let l1 = u64::from_be_bytes(good[40..48].try_into().unwrap()) as usize;
+    let l2 =
+        (u64::from_be_bytes(good[l1..l1 + 8].try_into().unwrap()) & 0x00ff_ffff_ffff_fe00) as usize;
+    let mut b = good.to_vec();
+    put64(&mut b, l1, 0x8000_0000_0000_0200);
+    out.push(("l1-into-header".into(), b));
+    let mut b = good.to_vec();
+    for (i, x) in b[l2..l2 + 4096].iter_mut().enumerate() {
+        *x = (i as u8).wrapping_mul(151).wrapping_add(7);
+    }
+    out.push(("l2-garbage".into(), b));
+    let mut x = 0x2545_f491u32;
+    for k in 0..12 {
+        let mut b = good.to_vec();
+        for _ in 0..3 {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            let pos = (x as usize) % good.len().min(4 * 65536);
+            b[pos] ^= 1 << (x % 8);
+        }
+        out.push((format!("flips-{k}"), b));
+    }
+    out
+}
+
+#[test]
+fn hostile_files_in_a_backup_directory() {
+    let b = backup_dir();
+    let work = b._tmp.path().join("hostile");
+    for victim in [0usize, 2] {
+        let good = std::fs::read(b.root.join(&b.points[victim].0)).unwrap();
+        for (name, bytes) in hostile_variants(&good) {
+            for verb in [
+                "list",
+                "verify",
+                "merge",
+                "rebase",
+                "commit",
+                "snapshotrebase",
+            ] {
+                let _ = std::fs::remove_dir_all(&work);
+                let d = copy_dir(&b, "hostile");
+                std::fs::write(d.join(&b.points[victim].0), &bytes).unwrap();
+                let before = digest(&d);
+                let target = b._tmp.path().join("hostile-out.qcow2");
+                let _ = std::fs::remove_file(&target);
+                let mut args = vec![verb, "--dir", "."];
+                if verb == "merge" {
+                    args.extend(["--targetfile", target.to_str().unwrap()]);
+                }
+                let (code, err) = restore_limited(&d, &args);
+                let what = format!("{verb} with {name} as {}", b.points[victim].0);
+                assert!(code == 0 || code == 1, "{what}: exit {code}\n{err}");
+                assert!(!err.contains("panicked"), "{what}: {err}");
+                if code != 0 {
+                    assert!(err.contains("qmprestore:"), "{what}: no message: {err}");
+                    assert!(
+                        digest(&d) == before,
+                        "{what}: failed but changed files\n{err}"
+                    );
+                    assert!(!target.exists(), "{what}: failed but left a target");
+                } else if verb == "verify" || verb == "list" {
+                    assert!(digest(&d) == before, "{what}: changed files");
+                }
+            }
+        }
+    }
+}

@@ -126,12 +126,40 @@ pub fn preflight(chain: &Chain, skip_check: bool) -> Result<()> {
     Ok(())
 }
 
+/// Before a command changes `files` in place: each must be writable as an image (not
+/// flagged corrupt, no external data file), so the command cannot stop half-way for a
+/// reason known in advance.
+fn preflight_writable(files: &[&BackupFile]) -> Result<()> {
+    for f in files {
+        let img = Qcow2::open(&f.path)
+            .with_context(|| format!("{}: cannot open backup file", f.path.display()))?;
+        let h = img.header();
+        if h.is_corrupt() {
+            bail!(
+                "{}: marked corrupt; nothing was changed. Repair it first with `qcow2 check -r all {}`, or restore with `qmprestore merge`, which only reads",
+                f.path.display(),
+                f.path.display()
+            );
+        }
+        if h.has_data_file() {
+            bail!(
+                "{}: has an external data file, which this command cannot change in place; nothing was changed (use `qmprestore merge`)",
+                f.path.display()
+            );
+        }
+    }
+    Ok(())
+}
+
 /// `rebase`: each INC's backing file set to its predecessor (no data copied); a symlink
 /// `image` points at the newest point.
 pub fn rebase(c: &Common, dry_run: bool) -> Result<()> {
     let (_, chain) = select_chain(c)?;
     preflight(&chain, c.skip_check)?;
     let files = chain.files();
+    if !dry_run {
+        preflight_writable(&files[1..])?;
+    }
     for pair in files.windows(2) {
         let (prev, cur) = (pair[0], pair[1]);
         report::info(format!("{}: backing file -> {}", cur.name, prev.name));
@@ -223,6 +251,7 @@ fn interrupted_hint(full: &BackupFile, inc: &BackupFile, cmd: &str) -> String {
 pub fn commit(c: &Common, rate_limit: u64) -> Result<()> {
     let (_, chain) = select_chain(c)?;
     preflight(&chain, c.skip_check)?;
+    preflight_writable(&[&chain.full])?;
     let mut full = open_full_for_writing(&chain.full)?;
     for inc in &chain.incs {
         report::info(format!("committing {} into {}", inc.name, chain.full.name));
@@ -315,6 +344,7 @@ pub const FULL_SNAPSHOT: &str = "FULL-BACKUP";
 pub fn snapshotrebase(c: &Common, rate_limit: u64) -> Result<()> {
     let (_, chain) = select_chain(c)?;
     preflight(&chain, c.skip_check)?;
+    preflight_writable(&[&chain.full])?;
     let mut full = open_full_for_writing(&chain.full)?;
     let existing: Vec<String> = full.snapshots()?.into_iter().map(|s| s.name).collect();
     if !existing.iter().any(|n| n == FULL_SNAPSHOT) {
