@@ -1283,6 +1283,16 @@ fn bitmap_left_in_use_by_a_killed_qemu() {
     no_leftovers(&vm);
 }
 
+/// A full backup of vblk1 to `target` that must fail cleanly: its stderr.
+fn full_backup_fails(vm: &Vm, target: &Path) -> String {
+    let t = target.to_str().unwrap();
+    let (c, _, e) = qmpbackup(vm, &["backup", "-l", "full", "-t", t, "-i", "vblk1"]);
+    assert_eq!(c, 1, "{e}");
+    assert!(!e.contains("panicked"), "{e}");
+    no_leftovers(vm);
+    e
+}
+
 #[test]
 fn target_not_writable_or_full() {
     let tmp = tempfile::tempdir().unwrap();
@@ -1291,39 +1301,13 @@ fn target_not_writable_or_full() {
     let file = tmp.path().join("a-file");
     std::fs::write(&file, b"x").unwrap();
     let bad = file.join("bk");
-    let (c, _, e) = qmpbackup(
-        &vm,
-        &[
-            "backup",
-            "-l",
-            "full",
-            "-t",
-            bad.to_str().unwrap(),
-            "-i",
-            "vblk1",
-        ],
-    );
-    assert_eq!(c, 1);
-    assert!(e.contains("a-file") && !e.contains("panicked"), "{e}");
-    no_leftovers(&vm);
+    let e = full_backup_fails(&vm, &bad);
+    assert!(e.contains("a-file"), "{e}");
     // A read-only filesystem.
     if let Some(_ro) = TmpMount::new(&tmp.path().join("ro"), "ro,size=16m") {
         let t = tmp.path().join("ro");
-        let (c, _, e) = qmpbackup(
-            &vm,
-            &[
-                "backup",
-                "-l",
-                "full",
-                "-t",
-                t.to_str().unwrap(),
-                "-i",
-                "vblk1",
-            ],
-        );
-        assert_eq!(c, 1);
+        let e = full_backup_fails(&vm, &t);
         assert!(e.contains("Read-only file system"), "{e}");
-        no_leftovers(&vm);
     }
     // A filesystem that fills up during an incremental: a clear error, nothing left, and
     // once there is room the next inc holds every change.

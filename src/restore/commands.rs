@@ -68,6 +68,21 @@ fn open_alone(f: &BackupFile) -> Result<qcow2::Chain> {
     .with_context(|| format!("{}: cannot open backup file", f.path.display()))
 }
 
+/// Stale COPIED flags (what an interrupted snapshot operation leaves, as QEMU's does) do not
+/// affect reading: warned about, not a reason to stop. Commands that change the file repair
+/// them first.
+fn tolerable_stale_flags(f: &BackupFile, r: &check::CheckReport) -> bool {
+    let stale = r.only_stale_copied_flags();
+    if stale {
+        report::warn(format!(
+            "{}: {} stale COPIED flag(s), as an interrupted snapshot operation leaves them: harmless for reading; commands that change the file repair them first",
+            f.path.display(),
+            r.corruptions
+        ));
+    }
+    stale
+}
+
 /// Checks every file of the chain before anything is written: each must open and pass a
 /// structural check, virtual sizes must not shrink, and manifests (where present) must name
 /// the same bitmap uuid.
@@ -88,13 +103,7 @@ pub fn preflight(chain: &Chain, skip_check: bool) -> Result<()> {
             let q = c.top().as_qcow2().expect("qcow2");
             let r =
                 check::check(q).with_context(|| format!("{}: cannot check", f.path.display()))?;
-            if r.only_stale_copied_flags() {
-                report::warn(format!(
-                    "{}: {} stale COPIED flag(s), as an interrupted snapshot operation leaves them: harmless for reading; commands that change the file repair them first",
-                    f.path.display(),
-                    r.corruptions
-                ));
-            } else if r.corruptions > 0 || r.check_errors > 0 {
+            if (r.corruptions > 0 || r.check_errors > 0) && !tolerable_stale_flags(f, &r) {
                 bail!(
                     "{}: damaged image ({} errors: {}); nothing was changed. Restore up to the previous point with --until, or check the file with `qcow2 check`",
                     f.path.display(),
@@ -414,13 +423,7 @@ pub fn verify(c: &Common) -> Result<Vec<VerifiedFile>> {
             let ch = open_alone(f)?;
             let q = ch.top().as_qcow2().expect("qcow2");
             let r = check::check(q)?;
-            if r.only_stale_copied_flags() {
-                report::warn(format!(
-                    "{}: {} stale COPIED flag(s), as an interrupted snapshot operation leaves them: harmless for reading; commands that change the file repair them first",
-                    f.path.display(),
-                    r.corruptions
-                ));
-            } else if r.corruptions > 0 || r.check_errors > 0 {
+            if (r.corruptions > 0 || r.check_errors > 0) && !tolerable_stale_flags(f, &r) {
                 bail!(
                     "{}: structural damage: {}",
                     f.path.display(),
