@@ -225,15 +225,24 @@ impl Chain {
         let mut out = Vec::new();
         let mut off = start;
         while off < end {
-            off = self.map_batch(off, end - off, usize::MAX, &mut out)?;
+            off = self.map_batch(off, end - off, usize::MAX, self.layers.len(), &mut out)?;
         }
         Ok(out)
     }
 
     /// Maps from `start` until `len` bytes or about `limit` extents are covered; returns
     /// the guest offset reached.
-    fn map_batch(&self, start: u64, len: u64, limit: usize, out: &mut Vec<Extent>) -> Result<u64> {
-        self.map_layer(0, start, len, limit, out)?;
+    /// Layers at `stop_at` and below are not consulted: what falls through to them comes
+    /// back as unallocated at depth `stop_at`.
+    fn map_batch(
+        &self,
+        start: u64,
+        len: u64,
+        limit: usize,
+        stop_at: usize,
+        out: &mut Vec<Extent>,
+    ) -> Result<u64> {
+        self.map_layer(0, start, len, limit, stop_at, out)?;
         Ok(out.last().map_or(start + len, |e| e.end()))
     }
 
@@ -243,8 +252,21 @@ impl Chain {
         mut off: u64,
         mut len: u64,
         limit: usize,
+        stop_at: usize,
         out: &mut Vec<Extent>,
     ) -> Result<()> {
+        if depth >= stop_at {
+            push_merged(
+                out,
+                Extent {
+                    start: off,
+                    len,
+                    depth,
+                    kind: ExtentKind::Unallocated,
+                },
+            );
+            return Ok(());
+        }
         let layer = &self.layers[depth];
         while len > 0 && out.len() < limit {
             let size = layer.virtual_size();
@@ -265,7 +287,7 @@ impl Chain {
             let n = n.min(len);
             match run {
                 Run::Unallocated if depth + 1 < self.layers.len() => {
-                    self.map_layer(depth + 1, off, n, limit, out)?;
+                    self.map_layer(depth + 1, off, n, limit, stop_at, out)?;
                     if out.last().is_some_and(|e| e.end() < off + n) {
                         return Ok(()); // the limit stopped the lower layer
                     }
@@ -306,6 +328,19 @@ impl Chain {
         &self,
         start: u64,
         len: u64,
+        f: impl FnMut(&Extent) -> Result<()>,
+    ) -> Result<()> {
+        self.for_each_extent_above(start, len, self.layers.len(), f)
+    }
+
+    /// [`Chain::for_each_extent`] over the layers above `stop_at` only: ranges that fall
+    /// through to layer `stop_at` come back as unallocated at depth `stop_at`, and that
+    /// layer and those below it are never read (commit writes into one of them meanwhile).
+    pub fn for_each_extent_above(
+        &self,
+        start: u64,
+        len: u64,
+        stop_at: usize,
         mut f: impl FnMut(&Extent) -> Result<()>,
     ) -> Result<()> {
         let end = start.saturating_add(len).min(self.virtual_size());
@@ -314,7 +349,7 @@ impl Chain {
         let mut batch = Vec::with_capacity(MAP_BATCH);
         while off < end {
             batch.clear();
-            off = self.map_batch(off, end - off, MAP_BATCH, &mut batch)?;
+            off = self.map_batch(off, end - off, MAP_BATCH, stop_at, &mut batch)?;
             for e in batch.drain(..) {
                 if pending.as_mut().is_some_and(|p| p.try_merge(&e)) {
                     continue;

@@ -70,9 +70,23 @@ pub fn commit(top: &Path, opts: &CommitOptions) -> Result<CommitStats> {
     Ok(stats)
 }
 
+/// What the reader thread of [`commit_into`] hands the writer.
+enum CommitOp {
+    Data {
+        offset: u64,
+        data: Vec<u8>,
+        len: usize,
+    },
+    Zero {
+        offset: u64,
+        len: u64,
+    },
+}
+
 /// Writes into `base` everything `chain` resolves above layer `above` (data as data, zero
 /// clusters as zero clusters), growing `base` to the chain's size. `base_backing` is what
 /// lies below `base` (for partial-cluster copy-on-write). The caller flushes.
+/// Two threads: one maps and reads the upper layers, the other writes into `base`.
 pub fn commit_into(
     base: &mut Qcow2,
     base_backing: Option<&Chain>,
@@ -80,40 +94,84 @@ pub fn commit_into(
     above: usize,
     throttle: &mut Throttle,
 ) -> Result<CommitStats> {
+    use std::sync::mpsc::sync_channel;
     let size = chain.virtual_size();
     base.grow(size)?;
+    // Zeros above BASE (past an upper image's end) must hide BASE's own backing.
+    let zero_unallocated = base_backing.is_some();
+    let (to_writer, from_reader) = sync_channel::<Result<CommitOp>>(2);
+    let (recycle, spare) = sync_channel::<Vec<u8>>(4);
+    for _ in 0..3 {
+        let _ = recycle.send(vec![0u8; IO_CHUNK]);
+    }
     let mut stats = CommitStats::default();
-    let mut buf = vec![0u8; IO_CHUNK];
-    chain.for_each_extent(0, size, |e| {
-        if e.depth >= above {
-            return Ok(());
-        }
-        match e.kind {
-            ExtentKind::Data { .. } | ExtentKind::Compressed { .. } => {
-                let mut pos = e.start;
-                while pos < e.end() {
-                    let n = (IO_CHUNK as u64).min(e.end() - pos) as usize;
-                    chain.read_extent(e, pos, &mut buf[..n])?;
-                    base.write_at(&buf[..n], pos, base_backing)?;
-                    throttle.account(n as u64);
-                    stats.bytes_copied += n as u64;
-                    pos += n as u64;
+    std::thread::scope(|scope| -> Result<()> {
+        scope.spawn(move || {
+            // Set when the writer has gone (it failed): stop quietly.
+            let mut writer_gone = false;
+            let res = chain.for_each_extent_above(0, size, above, |e| {
+                if e.depth >= above || writer_gone {
+                    return Ok(());
+                }
+                let mut send = |op: CommitOp| {
+                    writer_gone = to_writer.send(Ok(op)).is_err();
+                };
+                match e.kind {
+                    ExtentKind::Data { .. } | ExtentKind::Compressed { .. } => {
+                        let mut pos = e.start;
+                        while pos < e.end() {
+                            let Ok(mut data) = spare.recv() else {
+                                writer_gone = true;
+                                return Ok(());
+                            };
+                            let len = (IO_CHUNK as u64).min(e.end() - pos) as usize;
+                            chain.read_extent(e, pos, &mut data[..len])?;
+                            send(CommitOp::Data {
+                                offset: pos,
+                                data,
+                                len,
+                            });
+                            pos += len as u64;
+                        }
+                    }
+                    ExtentKind::Zero { .. } => send(CommitOp::Zero {
+                        offset: e.start,
+                        len: e.len,
+                    }),
+                    ExtentKind::Unallocated if zero_unallocated => send(CommitOp::Zero {
+                        offset: e.start,
+                        len: e.len,
+                    }),
+                    ExtentKind::Unallocated => {}
+                }
+                Ok(())
+            });
+            if let Err(e) = res {
+                let _ = to_writer.send(Err(e));
+            }
+        });
+        let mut write_all = |stats: &mut CommitStats| -> Result<()> {
+            for op in from_reader.iter() {
+                match op? {
+                    CommitOp::Data { offset, data, len } => {
+                        base.write_at(&data[..len], offset, base_backing)?;
+                        throttle.account(len as u64);
+                        stats.bytes_copied += len as u64;
+                        let _ = recycle.try_send(data);
+                    }
+                    CommitOp::Zero { offset, len } => {
+                        base.write_zeroes(offset, len, true, base_backing)?;
+                        stats.bytes_zeroed += len;
+                    }
                 }
             }
-            ExtentKind::Zero { .. } => {
-                base.write_zeroes(e.start, e.len, true, base_backing)?;
-                stats.bytes_zeroed += e.len;
-            }
-            ExtentKind::Unallocated => {
-                // Zeros above BASE (past an upper image's end): BASE's own backing must not
-                // show through there.
-                if base_backing.is_some() {
-                    base.write_zeroes(e.start, e.len, true, base_backing)?;
-                    stats.bytes_zeroed += e.len;
-                }
-            }
-        }
-        Ok(())
+            Ok(())
+        };
+        let result = write_all(&mut stats);
+        // Both ends dropped: a reader blocked on either channel wakes and ends.
+        drop(from_reader);
+        drop(recycle);
+        result
     })?;
     Ok(stats)
 }
