@@ -397,6 +397,56 @@ impl Qcow2 {
         Ok(())
     }
 
+    /// Plans a write without doing it: maps the clusters of `[offset, offset+len)` (cluster
+    /// aligned; the last cluster may be cut by the end of the disk) to newly allocated host
+    /// clusters and returns the host runs as (guest offset, host offset, length). The caller
+    /// writes the data there (from any thread, through [`Qcow2::storage`]) before the next
+    /// flush. For copies into a new image: the clusters must not be allocated yet.
+    pub fn allocate_for_write(&mut self, offset: u64, len: u64) -> Result<Vec<(u64, u64, u64)>> {
+        self.check_data_writes_allowed()?;
+        let cs = self.cluster_size();
+        let cb = self.header.cluster_bits;
+        let end = offset
+            .checked_add(len)
+            .filter(|&e| e <= self.virtual_size() && offset.is_multiple_of(cs))
+            .ok_or_else(|| {
+                Error::Request(format!(
+                    "{}: planned write of {len} bytes at {offset:#x} is unaligned or past the end",
+                    self.path
+                ))
+            })?;
+        let mut out: Vec<(u64, u64, u64)> = Vec::new();
+        let mut gc = offset >> cb;
+        let last = end.div_ceil(cs);
+        while gc < last {
+            let (l1i, _) = self.locate(gc);
+            let mut k = 0u64;
+            while gc + k < last && self.locate(gc + k).0 == l1i && k < 4096 {
+                let (w, b) = self.entry_of(gc + k)?;
+                if w != 0 || b != 0 {
+                    return Err(Error::Request(format!(
+                        "{}: guest cluster {} is allocated already",
+                        self.path,
+                        gc + k
+                    )));
+                }
+                k += 1;
+            }
+            let host = self.alloc_clusters(k)?;
+            for i in 0..k {
+                self.set_entry(gc + i, (host + i * cs) | OFLAG_COPIED, BITMAP_ALL_ALLOC)?;
+            }
+            let g = gc << cb;
+            let n = ((gc + k) << cb).min(end) - g;
+            match out.last_mut() {
+                Some(l) if l.0 + l.2 == g && l.1 + l.2 == host => l.2 += n,
+                _ => out.push((g, host, n)),
+            }
+            gc += k;
+        }
+        Ok(out)
+    }
+
     /// Makes a guest range read as zeros. Whole clusters become zero clusters (v3: the ZERO
     /// flag; `unmap` frees their space); partial clusters get explicit zeros unless they
     /// already read as zero. v2 images (no ZERO flag) get zeroed data where needed.

@@ -119,7 +119,7 @@ struct Piece {
 
 /// Guest ranges (cluster-aligned, merged) that may hold non-zero data: the clusters touching
 /// a data or compressed extent. Everything else reads as zeros and is never read.
-fn data_clusters(chain: &Chain, off: u64, n: u64, cs: u64) -> Result<Vec<(u64, u64)>> {
+pub(crate) fn data_clusters(chain: &Chain, off: u64, n: u64, cs: u64) -> Result<Vec<(u64, u64)>> {
     let mut out: Vec<(u64, u64)> = Vec::new();
     for e in chain.map(off, n)? {
         if e.reads_as_zero() {
@@ -136,7 +136,7 @@ fn data_clusters(chain: &Chain, off: u64, n: u64, cs: u64) -> Result<Vec<(u64, u
 }
 
 /// Runs of clusters in `b` that are not all zero, as (start, end) byte positions.
-fn nonzero_runs(b: &[u8], cs: usize) -> Vec<(usize, usize)> {
+pub(crate) fn nonzero_runs(b: &[u8], cs: usize) -> Vec<(usize, usize)> {
     let mut runs: Vec<(usize, usize)> = Vec::new();
     let mut i = 0;
     while i < b.len() {
@@ -172,6 +172,9 @@ pub fn copy_into_observed(
     throttle: &mut Throttle,
     observer: WriteObserver<'_>,
 ) -> Result<RawConvertStats> {
+    if !compress {
+        return super::parallel_copy::copy_into_new(chain, img, throttle, observer);
+    }
     use std::sync::mpsc::sync_channel;
     let cs = img.cluster_size();
     let size = chain.virtual_size().min(img.virtual_size());

@@ -5,6 +5,7 @@ pub mod compare;
 pub mod convert;
 pub mod info;
 pub mod map;
+pub mod parallel_copy;
 pub mod rebase;
 pub mod snapshot;
 pub mod throttle;
