@@ -716,11 +716,9 @@ fn sigterm_mid_backup_leaves_nothing_and_loses_nothing() {
     backup_ok(&vm, &["backup", "-l", "full", "-t", &ts, "-i", "vblk1"]);
     vm.write(0, 0, 4 * MIB, 0x99);
     wait_ts_tick();
-    let sock = vm.sock();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_qmpbackup"))
-        .args([
-            "--socket",
-            &sock,
+    let child = spawn_backup(
+        &vm,
+        &[
             "backup",
             "-l",
             "inc",
@@ -730,21 +728,12 @@ fn sigterm_mid_backup_leaves_nothing_and_loses_nothing() {
             "vblk1",
             "--speed-limit",
             "128K",
-        ])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+        ],
+    );
     std::thread::sleep(Duration::from_millis(1500));
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let st = child.wait().unwrap();
-    let mut err = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
-    assert!(!st.success(), "a cancelled backup must fail: {err}");
+    let (code, err) = finish(child);
+    assert_ne!(code, 0, "a cancelled backup must fail: {err}");
     no_leftovers(&vm);
     let dir = t.join("d1.qcow2");
     assert!(
