@@ -163,8 +163,9 @@ pub fn copy_into(
 }
 
 /// [`copy_into`], reporting every written run of guest data to `observer`, in guest order.
-/// Two threads: one maps and reads the source (never reading what maps as zeros) and finds
-/// the non-zero clusters; the other writes them in whole runs.
+/// Uncompressed copies go to [`super::parallel_copy`]. Compressed ones use two threads: one
+/// maps and reads the source (never reading what maps as zeros) and finds the non-zero
+/// clusters; the other compresses and writes them.
 pub fn copy_into_observed(
     chain: &Chain,
     img: &mut Qcow2,
@@ -223,14 +224,10 @@ pub fn copy_into_observed(
                 for &(a, b) in &piece.runs {
                     let off = piece.offset + a as u64;
                     let data = &piece.data[a..b];
-                    if compress {
-                        for (k, c) in data.chunks(cs as usize).enumerate() {
-                            let mut cluster = vec![0u8; cs as usize];
-                            cluster[..c.len()].copy_from_slice(c);
-                            img.write_compressed(off / cs + k as u64, &cluster)?;
-                        }
-                    } else {
-                        img.write_at(data, off, None)?;
+                    for (k, c) in data.chunks(cs as usize).enumerate() {
+                        let mut cluster = vec![0u8; cs as usize];
+                        cluster[..c.len()].copy_from_slice(c);
+                        img.write_compressed(off / cs + k as u64, &cluster)?;
                     }
                     observer(off, data);
                     stats.bytes_written += data.len() as u64;
