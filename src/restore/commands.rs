@@ -85,8 +85,10 @@ fn tolerable_stale_flags(f: &BackupFile, r: &check::CheckReport) -> bool {
 
 /// Checks every file of the chain before anything is written: each must open and pass a
 /// structural check, virtual sizes must not shrink, and manifests (where present) must name
-/// the same bitmap uuid.
-pub fn preflight(chain: &Chain, skip_check: bool) -> Result<()> {
+/// the same bitmap uuid. Returns the FULL's check report (None with `skip_check`), so a
+/// command that changes the FULL need not check it again.
+pub fn preflight(chain: &Chain, skip_check: bool) -> Result<Option<check::CheckReport>> {
+    let mut full_report = None;
     let mut prev_size = 0u64;
     let mut uuid: Option<(String, String)> = None;
     for f in chain.files() {
@@ -118,6 +120,9 @@ pub fn preflight(chain: &Chain, skip_check: bool) -> Result<()> {
                     r.leaks
                 ));
             }
+            if full_report.is_none() {
+                full_report = Some(r);
+            }
         }
         if let Some(m) = manifest::read_manifest(&f.path)? {
             if let Some(u) = m.uuid {
@@ -132,30 +137,36 @@ pub fn preflight(chain: &Chain, skip_check: bool) -> Result<()> {
             }
         }
     }
+    Ok(full_report)
+}
+
+/// Before a command changes `f` in place: it must be writable as an image (not flagged
+/// corrupt, no external data file), so the command cannot stop half-way for a reason known
+/// in advance.
+fn refuse_unwritable(f: &BackupFile, img: &Qcow2) -> Result<()> {
+    let h = img.header();
+    if h.is_corrupt() {
+        bail!(
+            "{}: marked corrupt; nothing was changed. Repair it first with `qcow2 check -r all {}`, or restore with `qmprestore merge`, which only reads",
+            f.path.display(),
+            f.path.display()
+        );
+    }
+    if h.has_data_file() {
+        bail!(
+            "{}: has an external data file, which this command cannot change in place; nothing was changed (use `qmprestore merge`)",
+            f.path.display()
+        );
+    }
     Ok(())
 }
 
-/// Before a command changes `files` in place: each must be writable as an image (not
-/// flagged corrupt, no external data file), so the command cannot stop half-way for a
-/// reason known in advance.
+/// [`refuse_unwritable`] for each of `files`, all before the first change.
 fn preflight_writable(files: &[&BackupFile]) -> Result<()> {
     for f in files {
         let img = Qcow2::open(&f.path)
             .with_context(|| format!("{}: cannot open backup file", f.path.display()))?;
-        let h = img.header();
-        if h.is_corrupt() {
-            bail!(
-                "{}: marked corrupt; nothing was changed. Repair it first with `qcow2 check -r all {}`, or restore with `qmprestore merge`, which only reads",
-                f.path.display(),
-                f.path.display()
-            );
-        }
-        if h.has_data_file() {
-            bail!(
-                "{}: has an external data file, which this command cannot change in place; nothing was changed (use `qmprestore merge`)",
-                f.path.display()
-            );
-        }
+        refuse_unwritable(f, &img)?;
     }
     Ok(())
 }
@@ -202,16 +213,22 @@ pub fn rebase(c: &Common, dry_run: bool) -> Result<()> {
     Ok(())
 }
 
-/// Opens the FULL for an in-place change. What an interrupted earlier run may have left —
-/// leaked clusters, or the lazy-refcounts dirty bit — is repaired first, as QEMU repairs a
-/// dirty image when it opens it, so the finished FULL checks clean.
-fn open_full_for_writing(full: &BackupFile) -> Result<Qcow2> {
+/// Opens the FULL for an in-place change, refusing one that cannot be written. What an
+/// interrupted earlier run may have left — leaked clusters, the lazy-refcounts dirty bit,
+/// stale COPIED flags — is repaired first, as QEMU repairs a dirty image when it opens it,
+/// so the finished FULL checks clean. `checked` is preflight's report of the FULL, if any.
+fn open_full_for_writing(full: &BackupFile, checked: Option<check::CheckReport>) -> Result<Qcow2> {
     let path = &full.path;
     let (dirty, leaks, stale_flags) = {
         let img = Qcow2::open(path)
             .with_context(|| format!("{}: cannot open backup file", path.display()))?;
-        let report =
-            check::check(&img).with_context(|| format!("{}: cannot check", path.display()))?;
+        refuse_unwritable(full, &img)?;
+        let report = match checked {
+            Some(r) => r,
+            None => {
+                check::check(&img).with_context(|| format!("{}: cannot check", path.display()))?
+            }
+        };
         (
             img.header().is_dirty(),
             report.leaks,
@@ -259,9 +276,8 @@ fn interrupted_hint(full: &BackupFile, inc: &BackupFile, cmd: &str) -> String {
 /// once its data is safely in the FULL.
 pub fn commit(c: &Common, rate_limit: u64) -> Result<()> {
     let (_, chain) = select_chain(c)?;
-    preflight(&chain, c.skip_check)?;
-    preflight_writable(&[&chain.full])?;
-    let mut full = open_full_for_writing(&chain.full)?;
+    let checked = preflight(&chain, c.skip_check)?;
+    let mut full = open_full_for_writing(&chain.full, checked)?;
     for inc in &chain.incs {
         report::info(format!("committing {} into {}", inc.name, chain.full.name));
         commit_inc(&mut full, inc, rate_limit)
@@ -352,9 +368,8 @@ pub const FULL_SNAPSHOT: &str = "FULL-BACKUP";
 /// The INC files are removed once every point is in.
 pub fn snapshotrebase(c: &Common, rate_limit: u64) -> Result<()> {
     let (_, chain) = select_chain(c)?;
-    preflight(&chain, c.skip_check)?;
-    preflight_writable(&[&chain.full])?;
-    let mut full = open_full_for_writing(&chain.full)?;
+    let checked = preflight(&chain, c.skip_check)?;
+    let mut full = open_full_for_writing(&chain.full, checked)?;
     let existing: Vec<String> = full.snapshots()?.into_iter().map(|s| s.name).collect();
     if !existing.iter().any(|n| n == FULL_SNAPSHOT) {
         full.snapshot_create(FULL_SNAPSHOT)?;
@@ -452,7 +467,7 @@ pub fn verify(c: &Common) -> Result<Vec<VerifiedFile>> {
 
 fn preflight_continuity(ch: &Chain) -> Result<()> {
     // Structural checks are done per file by verify itself.
-    preflight(ch, true)
+    preflight(ch, true).map(|_| ())
 }
 
 #[derive(Debug, Clone, Serialize)]
