@@ -617,11 +617,9 @@ fn writes_during_a_rate_limited_backup_go_to_the_next() {
     wait_ts_tick();
     let m_at_inc = vm.snapshot_models();
     // 16 MiB disk, 1 MiB dirty, 256 KiB/s: about 4 s.
-    let sock = vm.sock();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_qmpbackup"))
-        .args([
-            "--socket",
-            &sock,
+    let child = spawn_backup(
+        &vm,
+        &[
             "backup",
             "-l",
             "inc",
@@ -631,23 +629,14 @@ fn writes_during_a_rate_limited_backup_go_to_the_next() {
             "vblk1",
             "--speed-limit",
             "256K",
-        ])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+        ],
+    );
     std::thread::sleep(Duration::from_millis(1500));
     // Overwrite the dirty range and a clean one while the job copies.
     vm.write(0, MIB, 512 * 1024, 0x88);
     vm.write(0, 8 * MIB, 64 * 1024, 0x89);
-    let st = child.wait().unwrap();
-    let mut err = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
-    assert!(st.success(), "{err}");
+    let (code, err) = finish(child);
+    assert_eq!(code, 0, "{err}");
     let m_final = vm.snapshot_models();
     wait_ts_tick();
     backup_ok(&vm, &["backup", "-l", "inc", "-t", &ts, "-i", "vblk1"]);
@@ -716,21 +705,7 @@ fn sigterm_mid_backup_leaves_nothing_and_loses_nothing() {
     backup_ok(&vm, &["backup", "-l", "full", "-t", &ts, "-i", "vblk1"]);
     vm.write(0, 0, 4 * MIB, 0x99);
     wait_ts_tick();
-    let child = spawn_backup(
-        &vm,
-        &[
-            "backup",
-            "-l",
-            "inc",
-            "-t",
-            &ts,
-            "-i",
-            "vblk1",
-            "--speed-limit",
-            "128K",
-        ],
-    );
-    std::thread::sleep(Duration::from_millis(1500));
+    let child = start_slow_inc(&vm, &ts);
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let (code, err) = finish(child);
     assert_ne!(code, 0, "a cancelled backup must fail: {err}");
@@ -1114,6 +1089,27 @@ fn spawn_backup(vm: &Vm, args: &[&str]) -> Child {
         .unwrap()
 }
 
+/// An incremental of vblk1 limited to 128 KiB/s, given 1.5 s to get going: with 4 MiB dirty
+/// it runs for half a minute, time for a fault to hit it.
+fn start_slow_inc(vm: &Vm, target: &str) -> Child {
+    let child = spawn_backup(
+        vm,
+        &[
+            "backup",
+            "-l",
+            "inc",
+            "-t",
+            target,
+            "-i",
+            "vblk1",
+            "--speed-limit",
+            "128K",
+        ],
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    child
+}
+
 fn finish(mut child: Child) -> (i32, String) {
     let st = child.wait().unwrap();
     let mut err = String::new();
@@ -1177,21 +1173,7 @@ fn qemu_killed_mid_backup_then_auto_starts_a_new_full() {
     backup_ok(&vm, &["backup", "-l", "full", "-t", &ts, "-i", "vblk1"]);
     vm.write(0, 0, 4 * MIB, 0x77);
     wait_ts_tick();
-    let child = spawn_backup(
-        &vm,
-        &[
-            "backup",
-            "-l",
-            "inc",
-            "-t",
-            &ts,
-            "-i",
-            "vblk1",
-            "--speed-limit",
-            "128K",
-        ],
-    );
-    std::thread::sleep(Duration::from_millis(1500));
+    let child = start_slow_inc(&vm, &ts);
     vm.kill(); // SIGKILL: the QMP socket closes under the running backup
     let (code, err) = finish(child);
     assert_eq!(code, 1, "{err}");
