@@ -570,3 +570,47 @@ fn rebase_commit_library_api_smoke() {
     let r = repair(&d.join("y.qcow2"), RepairMode::Leaks).unwrap();
     assert_eq!(r.after.exit_code(), 0);
 }
+
+/// Commit batches many small extents (and zeros) into one hand-off of up to 4 MiB: content
+/// that spans several batches, with long runs split across them, scattered clusters, zero
+/// clusters over data and a base that has a backing file of its own.
+#[test]
+fn commit_of_many_extents_across_batches() {
+    let s = Scratch::new();
+    let d = s.dir.path();
+    create(d, "bb.qcow2", "24M", "");
+    qemu_io(d, "bb.qcow2", &["write -P 0x10 0 24M"]);
+    qemu_img(
+        d,
+        &[
+            "create", "-q", "-f", "qcow2", "-b", "bb.qcow2", "-F", "qcow2", "b.qcow2", "24M",
+        ],
+    );
+    qemu_io(d, "b.qcow2", &["write -P 0x11 2M 6M"]);
+    qemu_img(
+        d,
+        &[
+            "create", "-q", "-f", "qcow2", "-b", "b.qcow2", "-F", "qcow2", "t.qcow2", "32M",
+        ],
+    );
+    let mut cmds = vec![
+        "write -P 0x22 1M 9M".to_string(),
+        "write -z 12M 3M".to_string(),
+    ];
+    for i in 0..120u64 {
+        let off = (10 << 20) + (i * 7 % 200) * 65536 + (i % 3) * 4096;
+        cmds.push(format!(
+            "write -P {} {off} {}",
+            0x30 + i % 50,
+            4096 * (1 + i % 16)
+        ));
+    }
+    cmds.push("write -P 0x77 30M 2M".into());
+    let cmds: Vec<&str> = cmds.iter().map(String::as_str).collect();
+    qemu_io(d, "t.qcow2", &cmds);
+    qemu_img(d, &["convert", "-O", "raw", "t.qcow2", "before.raw"]);
+    ok(d, &["commit", "t.qcow2"]);
+    assert_qemu_clean(d, "b.qcow2");
+    assert_qemu_same(d, "b.qcow2", "before.raw");
+    assert_qemu_same(d, "t.qcow2", "before.raw");
+}

@@ -70,18 +70,23 @@ pub fn commit(top: &Path, opts: &CommitOptions) -> Result<CommitStats> {
     Ok(stats)
 }
 
-/// What the reader thread of [`commit_into`] hands the writer.
+/// One step of a [`Batch`]: data at `pos` in the batch's buffer, or zeros.
 enum CommitOp {
-    Data {
-        offset: u64,
-        data: Vec<u8>,
-        len: usize,
-    },
-    Zero {
-        offset: u64,
-        len: u64,
-    },
+    Data { offset: u64, pos: usize, len: usize },
+    Zero { offset: u64, len: u64 },
 }
+
+/// What the reader thread of [`commit_into`] hands the writer: up to a buffer's worth of
+/// data from any number of extents. Batching matters because INC data is mostly small
+/// scattered clusters; one hand-off per cluster costs more in thread wake-ups than the copy.
+struct Batch {
+    data: Vec<u8>,
+    used: usize,
+    ops: Vec<CommitOp>,
+}
+
+/// Zero steps per batch at most, so a long run of tiny zero extents still moves on.
+const MAX_OPS_PER_BATCH: usize = 4096;
 
 /// Writes into `base` everything `chain` resolves above layer `above` (data as data, zero
 /// clusters as zero clusters), growing `base` to the chain's size. `base_backing` is what
@@ -99,7 +104,7 @@ pub fn commit_into(
     base.grow(size)?;
     // Zeros above BASE (past an upper image's end) must hide BASE's own backing.
     let zero_unallocated = base_backing.is_some();
-    let (to_writer, from_reader) = sync_channel::<Result<CommitOp>>(2);
+    let (to_writer, from_reader) = sync_channel::<Result<Batch>>(2);
     let (recycle, spare) = sync_channel::<Vec<u8>>(4);
     for _ in 0..3 {
         let _ = recycle.send(vec![0u8; IO_CHUNK]);
@@ -107,63 +112,97 @@ pub fn commit_into(
     let mut stats = CommitStats::default();
     std::thread::scope(|scope| -> Result<()> {
         scope.spawn(move || {
+            let mut batch: Option<Batch> = None;
             // Set when the writer has gone (it failed): stop quietly.
             let mut writer_gone = false;
+            // The batch being filled, started with a spare buffer when there is none.
+            let current = |batch: &mut Option<Batch>, writer_gone: &mut bool| {
+                if batch.is_none() {
+                    match spare.recv() {
+                        Ok(data) => {
+                            *batch = Some(Batch {
+                                data,
+                                used: 0,
+                                ops: Vec::new(),
+                            })
+                        }
+                        Err(_) => *writer_gone = true,
+                    }
+                }
+            };
+            let send = |batch: &mut Option<Batch>, writer_gone: &mut bool| {
+                if let Some(b) = batch.take() {
+                    *writer_gone |= to_writer.send(Ok(b)).is_err();
+                }
+            };
             let res = chain.for_each_extent_above(0, size, above, |e| {
                 if e.depth >= above || writer_gone {
                     return Ok(());
                 }
-                let mut send = |op: CommitOp| {
-                    writer_gone = to_writer.send(Ok(op)).is_err();
-                };
+                let mut zero = false;
                 match e.kind {
                     ExtentKind::Data { .. } | ExtentKind::Compressed { .. } => {
                         let mut pos = e.start;
-                        while pos < e.end() {
-                            let Ok(mut data) = spare.recv() else {
-                                writer_gone = true;
-                                return Ok(());
-                            };
-                            let len = (IO_CHUNK as u64).min(e.end() - pos) as usize;
-                            chain.read_extent(e, pos, &mut data[..len])?;
-                            send(CommitOp::Data {
+                        while pos < e.end() && !writer_gone {
+                            current(&mut batch, &mut writer_gone);
+                            let Some(b) = batch.as_mut() else { break };
+                            let room = b.data.len() - b.used;
+                            if room == 0 {
+                                send(&mut batch, &mut writer_gone);
+                                continue;
+                            }
+                            let len = (room as u64).min(e.end() - pos) as usize;
+                            chain.read_extent(e, pos, &mut b.data[b.used..b.used + len])?;
+                            b.ops.push(CommitOp::Data {
                                 offset: pos,
-                                data,
+                                pos: b.used,
                                 len,
                             });
+                            b.used += len;
                             pos += len as u64;
                         }
                     }
-                    ExtentKind::Zero { .. } => send(CommitOp::Zero {
-                        offset: e.start,
-                        len: e.len,
-                    }),
-                    ExtentKind::Unallocated if zero_unallocated => send(CommitOp::Zero {
-                        offset: e.start,
-                        len: e.len,
-                    }),
-                    ExtentKind::Unallocated => {}
+                    ExtentKind::Zero { .. } => zero = true,
+                    ExtentKind::Unallocated => zero = zero_unallocated,
+                }
+                if zero {
+                    current(&mut batch, &mut writer_gone);
+                    if let Some(b) = batch.as_mut() {
+                        b.ops.push(CommitOp::Zero {
+                            offset: e.start,
+                            len: e.len,
+                        });
+                        if b.ops.len() >= MAX_OPS_PER_BATCH {
+                            send(&mut batch, &mut writer_gone);
+                        }
+                    }
                 }
                 Ok(())
             });
-            if let Err(e) = res {
-                let _ = to_writer.send(Err(e));
+            match res {
+                Ok(()) => send(&mut batch, &mut writer_gone),
+                Err(e) => {
+                    let _ = to_writer.send(Err(e));
+                }
             }
         });
         let mut write_all = |stats: &mut CommitStats| -> Result<()> {
-            for op in from_reader.iter() {
-                match op? {
-                    CommitOp::Data { offset, data, len } => {
-                        base.write_at(&data[..len], offset, base_backing)?;
-                        throttle.account(len as u64);
-                        stats.bytes_copied += len as u64;
-                        let _ = recycle.try_send(data);
-                    }
-                    CommitOp::Zero { offset, len } => {
-                        base.write_zeroes(offset, len, true, base_backing)?;
-                        stats.bytes_zeroed += len;
+            for batch in from_reader.iter() {
+                let batch = batch?;
+                for op in &batch.ops {
+                    match *op {
+                        CommitOp::Data { offset, pos, len } => {
+                            base.write_at(&batch.data[pos..pos + len], offset, base_backing)?;
+                            throttle.account(len as u64);
+                            stats.bytes_copied += len as u64;
+                        }
+                        CommitOp::Zero { offset, len } => {
+                            base.write_zeroes(offset, len, true, base_backing)?;
+                            stats.bytes_zeroed += len;
+                        }
                     }
                 }
+                let _ = recycle.try_send(batch.data);
             }
             Ok(())
         };
