@@ -5,7 +5,9 @@
 #   ours-merge   qmprestore merge
 #   qemu-convert qemu-img convert -W -m 16 -O qcow2 of the equivalent backing chain
 #   orig-method  the original tool's: copy the FULL, then qemu-img rebase -u + commit per INC
-#   copy-bound   reading the inputs and writing the output's bytes, two streams
+#   copy-bound   reading the inputs and writing the output's bytes, two streams: one reads
+#                the INCs, the other copies the FULL and then as many INC bytes as the
+#                merged output has beyond the FULL's size
 #   ours-commit  qmprestore commit (on a copy of the directory)
 # and prints median and best wall time, CPU time, peak RSS and the ratios; every output is
 # compared with qemu-img compare. Usage: bash benches/compare.sh [RUNS]  (needs qemu-img,
@@ -70,7 +72,8 @@ verify() { # output file
 dd if=/dev/zero of="$W/warm" bs=4M count=$(( (DATA_MIB + 3 * INC_MIB) / 4 )) status=none; rm -f "$W/warm"
 for r in $(seq "$RUNS"); do
   measure ours-merge "$B/qmprestore" -q merge --dir "$D" --targetfile "$W/out-ours.qcow2"
-  verify "$W/out-ours.qcow2"; rm -f "$W/out-ours.qcow2" "$W/out-ours.qcow2.manifest"
+  verify "$W/out-ours.qcow2"; OUT_BYTES=$(stat -c %s "$W/out-ours.qcow2")
+  rm -f "$W/out-ours.qcow2" "$W/out-ours.qcow2.manifest"
   measure qemu-convert qemu-img convert -W -m 16 -O qcow2 "$TOP" "$W/out-conv.qcow2"
   verify "$W/out-conv.qcow2"; rm -f "$W/out-conv.qcow2"
   rm -rf "$W/orig"; mkdir "$W/orig"; cp "$D"/*.qcow2 "$W/orig/"
@@ -80,7 +83,16 @@ for r in $(seq "$RUNS"); do
       qemu-img rebase -u -b "$prev" -F qcow2 "$cur"; qemu-img commit -q "$cur"; rm -f "$cur"
     done' _ "$W/orig"
   verify "$W/orig/FULL-1000-disk.qcow2"; rm -rf "$W/orig"
-  measure copy-bound bash -c 'cat "$1"/INC-* > /dev/null & cp --sparse=never "$1/FULL-1000-disk.qcow2" "$2"; wait' _ "$D" "$W/out-copy"
+  measure copy-bound bash -c '
+    set -e; cat "$1"/INC-* > /dev/null &
+    cp --sparse=never "$1/FULL-1000-disk.qcow2" "$2"
+    left=$(( $3 - $(stat -c %s "$2") ))
+    for f in "$1"/INC-*; do
+      [ "$left" -gt 0 ] || break; n=$(stat -c %s "$f"); [ "$n" -le "$left" ] || n=$left
+      dd if="$f" of="$2" bs=4M iflag=count_bytes count="$n" oflag=append conv=notrunc status=none
+      left=$((left - n))
+    done; wait' _ "$D" "$W/out-copy" "$OUT_BYTES"
+  [ "$(stat -c %s "$W/out-copy")" = "$OUT_BYTES" ] || { echo "copy bound wrote the wrong size" >&2; exit 1; }
   rm -f "$W/out-copy"
   rm -rf "$W/cm"; mkdir "$W/cm"; cp "$D"/*.qcow2 "$W/cm/"
   measure ours-commit "$B/qmprestore" -q commit --dir "$W/cm"
