@@ -103,6 +103,14 @@ impl Layer {
         }
     }
 
+    /// The storage a data extent of this layer points into.
+    pub fn data_storage(&self) -> &Arc<dyn Storage> {
+        match self {
+            Layer::Qcow2(q) => q.data_storage(),
+            Layer::Raw(r) => &r.storage,
+        }
+    }
+
     fn block_status(&self, guest: u64, max_len: u64) -> Result<(u64, Run)> {
         match self {
             Layer::Qcow2(q) => q.block_status(guest, max_len),

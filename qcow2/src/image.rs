@@ -298,9 +298,14 @@ impl Qcow2 {
     }
 
     /// Reads guest data that `block_status` reported as `Data` at `host`.
+    /// Where the guest data lives: the external data file, or the image itself.
+    pub fn data_storage(&self) -> &Arc<dyn Storage> {
+        self.data_file.as_ref().unwrap_or(&self.storage)
+    }
+
     pub fn read_data(&self, buf: &mut [u8], host: u64) -> Result<()> {
-        let s = self.data_file.as_ref().unwrap_or(&self.storage);
-        s.read_at(buf, host)
+        self.data_storage()
+            .read_at(buf, host)
             .map_err(|e| Error::io(&self.path, "reading data", host, e))
     }
 

@@ -92,6 +92,13 @@ enum Command {
         /// The new image to create.
         #[arg(long)]
         targetfile: PathBuf,
+        /// Give the new image blocks of its own. By default, where the target is on the
+        /// backups' filesystem and it can share blocks (XFS, btrfs), the image shares the
+        /// backups' data blocks copy-on-write, as `cp --reflink=auto` does: almost no
+        /// writing and no extra space. Use this for a copy that must not depend on the
+        /// backups' blocks (to guard against a media error hitting both).
+        #[arg(long)]
+        no_reflink: bool,
         #[command(flatten)]
         rate: RateArg,
     },
@@ -167,8 +174,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
             dir,
             until,
             targetfile,
+            no_reflink,
             rate: r,
-        } => restore::merge(&common(dir, until.until, skip), &targetfile, rate(r)?)?,
+        } => restore::merge(
+            &common(dir, until.until, skip),
+            &targetfile,
+            !no_reflink,
+            rate(r)?,
+        )?,
         Command::Snapshotrebase {
             dir,
             until,

@@ -305,7 +305,8 @@ fn refresh_manifest(path: &Path) -> Result<()> {
 
 /// `merge`: a new standalone image with the chain's content; the backup files are not
 /// touched and an existing target is never overwritten.
-pub fn merge(c: &Common, target: &Path, rate_limit: u64) -> Result<()> {
+/// With `share_blocks`, the target shares the backups' data blocks where the filesystem can.
+pub fn merge(c: &Common, target: &Path, share_blocks: bool, rate_limit: u64) -> Result<()> {
     let (_, chain) = select_chain(c)?;
     preflight(&chain, c.skip_check)?;
     if target.symlink_metadata().is_ok() {
@@ -338,6 +339,7 @@ pub fn merge(c: &Common, target: &Path, rate_limit: u64) -> Result<()> {
         compress: false,
         overwrite: false,
         rate_limit,
+        share_blocks,
     };
     report::info(format!(
         "merging {} file(s) ({} .. {}) into {}",

@@ -168,6 +168,11 @@ enum Command {
         /// Compress every data cluster (qcow2 output).
         #[arg(short = 'c')]
         compress: bool,
+        /// Copy offloading, as qemu-img's -C: on a filesystem that can share blocks (XFS,
+        /// btrfs) the output shares the source's data blocks copy-on-write instead of
+        /// copying them (qcow2 output, not with -c).
+        #[arg(short = 'C')]
+        copy_offload: bool,
         /// Output options, as for create (qcow2 output).
         #[arg(short = 'o')]
         options: Option<String>,
@@ -348,16 +353,22 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             format,
             output_format,
             compress,
+            copy_offload,
             options,
             force,
             src,
             dst,
         } => {
+            if compress && copy_offload {
+                anyhow::bail!(
+                    "-C and -c exclude each other: compressed clusters cannot share blocks"
+                );
+            }
             let chain = open(&src, format)?;
             match output_format {
                 Fmt::Raw => {
-                    if compress || options.is_some() {
-                        anyhow::bail!("-c and -o apply to qcow2 output only");
+                    if compress || copy_offload || options.is_some() {
+                        anyhow::bail!("-c, -C and -o apply to qcow2 output only");
                     }
                     convert::to_raw(&chain, &dst, force)?;
                 }
@@ -374,6 +385,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                             compress,
                             overwrite: force,
                             rate_limit: 0,
+                            share_blocks: copy_offload,
                         },
                     )?;
                 }

@@ -4,6 +4,7 @@ use crate::chain::Chain;
 use crate::create::{init_qcow2, CreateOptions};
 use crate::error::{Error, Result};
 use crate::image::Qcow2;
+use crate::mapping::Extent;
 use crate::ops::throttle::Throttle;
 use crate::storage::{PendingFile, Storage};
 use std::path::Path;
@@ -62,6 +63,10 @@ pub struct Qcow2ConvertOptions {
     pub overwrite: bool,
     /// Bytes per second, 0 = unlimited.
     pub rate_limit: u64,
+    /// Let the output share the source's data blocks where the filesystem can (reflinks on
+    /// XFS or btrfs): nearly no writing and no space, copy-on-write afterwards. Off, every
+    /// byte gets blocks of its own (an independent copy). Ignored with `compress`.
+    pub share_blocks: bool,
 }
 
 /// Flattens the chain into a new standalone qcow2 image: zero and unallocated ranges stay
@@ -97,6 +102,7 @@ pub fn to_qcow2_observed(
         chain,
         &mut img,
         opts.compress,
+        opts.share_blocks,
         &mut Throttle::new(opts.rate_limit),
         observer,
     )?;
@@ -120,8 +126,13 @@ struct Piece {
 /// Guest ranges (cluster-aligned, merged) that may hold non-zero data: the clusters touching
 /// a data or compressed extent. Everything else reads as zeros and is never read.
 pub(crate) fn data_clusters(chain: &Chain, off: u64, n: u64, cs: u64) -> Result<Vec<(u64, u64)>> {
+    Ok(data_clusters_of(&chain.map(off, n)?, off, n, cs))
+}
+
+/// [`data_clusters`] of extents already mapped (those of `[off, off+n)`).
+pub(crate) fn data_clusters_of(extents: &[Extent], off: u64, n: u64, cs: u64) -> Vec<(u64, u64)> {
     let mut out: Vec<(u64, u64)> = Vec::new();
-    for e in chain.map(off, n)? {
+    for e in extents {
         if e.reads_as_zero() {
             continue;
         }
@@ -132,7 +143,7 @@ pub(crate) fn data_clusters(chain: &Chain, off: u64, n: u64, cs: u64) -> Result<
             _ => out.push((s, t)),
         }
     }
-    Ok(out)
+    out
 }
 
 /// Runs of clusters in `b` that are not all zero, as (start, end) byte positions.
@@ -159,10 +170,11 @@ pub fn copy_into(
     compress: bool,
     throttle: &mut Throttle,
 ) -> Result<RawConvertStats> {
-    copy_into_observed(chain, img, compress, throttle, &mut |_, _| {})
+    copy_into_observed(chain, img, compress, false, throttle, &mut |_, _| {})
 }
 
-/// [`copy_into`], reporting every written run of guest data to `observer`, in guest order.
+/// [`copy_into`], reporting every written run of guest data to `observer`, in guest order;
+/// `share_blocks` as in [`Qcow2ConvertOptions`].
 /// Uncompressed copies go to [`super::parallel_copy`]. Compressed ones use two threads: one
 /// maps and reads the source (never reading what maps as zeros) and finds the non-zero
 /// clusters; the other compresses and writes them.
@@ -170,11 +182,12 @@ pub fn copy_into_observed(
     chain: &Chain,
     img: &mut Qcow2,
     compress: bool,
+    share_blocks: bool,
     throttle: &mut Throttle,
     observer: WriteObserver<'_>,
 ) -> Result<RawConvertStats> {
     if !compress {
-        return super::parallel_copy::copy_into_new(chain, img, throttle, observer);
+        return super::parallel_copy::copy_into_new(chain, img, share_blocks, throttle, observer);
     }
     use std::sync::mpsc::sync_channel;
     let cs = img.cluster_size();

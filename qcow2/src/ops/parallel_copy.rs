@@ -8,13 +8,18 @@
 //! writer hands the buffer back to its worker. There is one writer because writes to one
 //! file serialise on its inode lock (tmpfs, ext4 and XFS buffered writes alike): a second
 //! writer only spins on the lock, while reading in parallel with writing is free.
+//!
+//! Where source and output are on a filesystem that can share blocks (XFS, btrfs), the
+//! writer clones data runs instead of writing them: the output then costs neither the write
+//! nor the space. The data is still read, for zero detection and the observer (manifest).
 
-use super::convert::{data_clusters, nonzero_runs, RawConvertStats, WriteObserver, IO_CHUNK};
+use super::convert::{data_clusters_of, nonzero_runs, RawConvertStats, WriteObserver, IO_CHUNK};
 use crate::chain::Chain;
 use crate::error::{Error, Result};
 use crate::image::Qcow2;
+use crate::mapping::ExtentKind;
 use crate::ops::throttle::Throttle;
-use crate::storage::Storage;
+use crate::storage::{clone_range, CloneOutcome, Storage};
 use std::collections::BTreeMap;
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::Arc;
@@ -29,7 +34,19 @@ struct Window {
     offset: u64,
     data: Vec<u8>,
     runs: Vec<(usize, usize)>,
+    sources: Vec<Source>,
     worker: usize,
+}
+
+/// Where a stretch of a window was read from verbatim (an uncompressed data extent), so
+/// the writer can clone it instead of writing it.
+#[derive(Clone, Copy)]
+struct Source {
+    /// Position in the window's data.
+    pos: usize,
+    len: usize,
+    layer: usize,
+    host: u64,
 }
 
 /// A window on its way to the writer: where each run of it goes in the output.
@@ -37,14 +54,17 @@ struct WriteJob {
     data: Vec<u8>,
     /// (position in `data`, host offset, length)
     writes: Vec<(usize, u64, usize)>,
+    sources: Vec<Source>,
     worker: usize,
 }
 
 /// Copies the chain's non-zero clusters into `img`, which must be new (no cluster
 /// allocated), reporting every written run of guest data to `observer` in guest order.
+/// With `share_blocks`, data runs are cloned from the source where the filesystem can.
 pub fn copy_into_new(
     chain: &Chain,
     img: &mut Qcow2,
+    share_blocks: bool,
     throttle: &mut Throttle,
     observer: WriteObserver<'_>,
 ) -> Result<RawConvertStats> {
@@ -79,8 +99,16 @@ pub fn copy_into_new(
         }
         drop(to_planner);
         let out_path = out_path.as_str();
-        let writer =
-            scope.spawn(move || write_windows(&storage, out_path, writer_jobs, spare_senders));
+        let writer = scope.spawn(move || {
+            write_windows(
+                chain,
+                share_blocks,
+                &storage,
+                out_path,
+                writer_jobs,
+                spare_senders,
+            )
+        });
         let planned = plan_windows(
             img,
             windows,
@@ -119,8 +147,21 @@ fn read_windows(
         };
         let offset = index as u64 * window;
         let n = window.min(size - offset);
+        let extents = chain.map(offset, n)?;
+        let sources: Vec<Source> = extents
+            .iter()
+            .filter_map(|e| match e.kind {
+                ExtentKind::Data { host } => Some(Source {
+                    pos: (e.start - offset) as usize,
+                    len: e.len as usize,
+                    layer: e.depth,
+                    host,
+                }),
+                _ => None,
+            })
+            .collect();
         let mut runs: Vec<(usize, usize)> = Vec::new();
-        for (s, t) in data_clusters(chain, offset, n, cs)? {
+        for (s, t) in data_clusters_of(&extents, offset, n, cs) {
             let (a, b) = ((s - offset) as usize, (t - offset) as usize);
             chain.read_at(&mut data[a..b], s)?;
             for (x, y) in nonzero_runs(&data[a..b], cs as usize) {
@@ -135,6 +176,7 @@ fn read_windows(
             offset,
             data,
             runs,
+            sources,
             worker: first,
         };
         if to_planner.send(Ok(win)).is_err() {
@@ -177,6 +219,7 @@ fn plan_windows(
             let job = WriteJob {
                 data: win.data,
                 writes,
+                sources: win.sources,
                 worker: win.worker,
             };
             if to_writer.send(job).is_err() {
@@ -189,18 +232,60 @@ fn plan_windows(
     Ok(())
 }
 
-/// The writer: every job's runs at their host offsets, each buffer back to its worker.
+/// The writer: every job's runs at their host offsets (cloned from the source where the
+/// filesystem can, written otherwise), each buffer back to its worker.
 fn write_windows(
+    chain: &Chain,
+    share_blocks: bool,
     storage: &Arc<dyn Storage>,
     out_path: &str,
     jobs: Receiver<WriteJob>,
     spare: Vec<SyncSender<Vec<u8>>>,
 ) -> Result<()> {
+    // Per source layer: may its blocks be shared with the output? Cleared at the first
+    // refusal, so a filesystem without reflinks costs one failed call per layer.
+    let mut may_clone = vec![share_blocks; chain.layers().len()];
+    let write = |data: &[u8], host: u64| {
+        storage
+            .write_at(data, host)
+            .map_err(|e| Error::io(out_path, "writing data", host, e))
+    };
     for job in jobs {
         for &(pos, host, len) in &job.writes {
-            storage
-                .write_at(&job.data[pos..pos + len], host)
-                .map_err(|e| Error::io(out_path, "writing data", host, e))?;
+            let end = pos + len;
+            if !may_clone.iter().any(|&m| m) {
+                write(&job.data[pos..end], host)?;
+                continue;
+            }
+            // Walk the run: clone what comes verbatim from a source, write the rest (in
+            // one write per stretch between clones).
+            let mut unwritten = pos;
+            let mut p = pos;
+            for src in &job.sources {
+                let (s, e) = (src.pos.max(p), (src.pos + src.len).min(end));
+                if s >= e || !may_clone[src.layer] {
+                    continue;
+                }
+                let from = src.host + (s - src.pos) as u64;
+                let to = host + (s - pos) as u64;
+                let layer = chain.layers()[src.layer].data_storage();
+                match clone_range(layer.as_ref(), from, storage.as_ref(), to, (e - s) as u64)
+                    .map_err(|err| Error::io(out_path, "cloning data", to, err))?
+                {
+                    CloneOutcome::Cloned => {
+                        if unwritten < s {
+                            write(&job.data[unwritten..s], host + (unwritten - pos) as u64)?;
+                        }
+                        unwritten = e;
+                    }
+                    CloneOutcome::NotThisRange => {}
+                    CloneOutcome::Unsupported => may_clone[src.layer] = false,
+                }
+                p = e;
+            }
+            if unwritten < end {
+                write(&job.data[unwritten..end], host + (unwritten - pos) as u64)?;
+            }
         }
         // A worker that has read all its windows no longer listens.
         let _ = spare[job.worker].send(job.data);
