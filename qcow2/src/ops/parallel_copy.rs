@@ -25,6 +25,8 @@ use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::Arc;
 
 const WORKERS: usize = 2;
+/// Ranges a layer may have refused to share in a row before the writer stops asking.
+const MAX_REFUSED_IN_A_ROW: u32 = 64;
 /// Buffers each worker owns; they circulate worker -> planner -> writer -> worker.
 const BUFFERS_PER_WORKER: usize = 2;
 
@@ -245,6 +247,9 @@ fn write_windows(
     // Per source layer: may its blocks be shared with the output? Cleared at the first
     // refusal, so a filesystem without reflinks costs one failed call per layer.
     let mut may_clone = vec![share_blocks; chain.layers().len()];
+    // Ranges refused in a row per layer: a source whose clusters are smaller than the
+    // filesystem's blocks (512-byte clusters, say) is refused every time; stop asking.
+    let mut refused = vec![0u32; chain.layers().len()];
     let write = |data: &[u8], host: u64| {
         storage
             .write_at(data, host)
@@ -273,12 +278,18 @@ fn write_windows(
                     .map_err(|err| Error::io(out_path, "cloning data", to, err))?
                 {
                     CloneOutcome::Cloned => {
+                        refused[src.layer] = 0;
                         if unwritten < s {
                             write(&job.data[unwritten..s], host + (unwritten - pos) as u64)?;
                         }
                         unwritten = e;
                     }
-                    CloneOutcome::NotThisRange => {}
+                    CloneOutcome::NotThisRange => {
+                        refused[src.layer] += 1;
+                        if refused[src.layer] >= MAX_REFUSED_IN_A_ROW {
+                            may_clone[src.layer] = false;
+                        }
+                    }
                     CloneOutcome::Unsupported => may_clone[src.layer] = false,
                 }
                 p = e;
