@@ -20,7 +20,8 @@ RUNS=${1:-5}
 SIZE_MIB=${SIZE_MIB:-4096}; DATA_MIB=${DATA_MIB:-2048}; INC_MIB=${INC_MIB:-256}
 cargo build --release -q --workspace --bins
 B=$(pwd)/target/release
-base=/dev/shm; [ -d "$base" ] || base=${TMPDIR:-/tmp}
+# BENCH_DIR puts the files elsewhere (an XFS mount, to see merge share blocks).
+base=${BENCH_DIR:-/dev/shm}; [ -d "$base" ] || base=${TMPDIR:-/tmp}
 W=$(mktemp -d "$base/qmpbench.XXXXXX")
 trap 'rm -rf "$W"' EXIT
 D=$W/dir; mkdir -p "$D"
