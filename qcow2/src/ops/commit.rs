@@ -6,6 +6,7 @@ use crate::error::{Error, Result};
 use crate::image::Qcow2;
 use crate::mapping::ExtentKind;
 use crate::ops::convert::IO_CHUNK;
+use crate::ops::pipeline::{self, Producer};
 use crate::ops::throttle::Throttle;
 use crate::write::OpenRwOptions;
 use std::path::Path;
@@ -99,118 +100,98 @@ pub fn commit_into(
     above: usize,
     throttle: &mut Throttle,
 ) -> Result<CommitStats> {
-    use std::sync::mpsc::sync_channel;
     let size = chain.virtual_size();
     base.grow(size)?;
     // Zeros above BASE (past an upper image's end) must hide BASE's own backing.
     let zero_unallocated = base_backing.is_some();
-    let (to_writer, from_reader) = sync_channel::<Result<Batch>>(2);
-    let (recycle, spare) = sync_channel::<Vec<u8>>(4);
-    for _ in 0..3 {
-        let _ = recycle.send(vec![0u8; IO_CHUNK]);
-    }
     let mut stats = CommitStats::default();
-    std::thread::scope(|scope| -> Result<()> {
-        scope.spawn(move || {
-            let mut batch: Option<Batch> = None;
-            // Set when the writer has gone (it failed): stop quietly.
-            let mut writer_gone = false;
-            // The batch being filled, started with a spare buffer when there is none.
-            let current = |batch: &mut Option<Batch>, writer_gone: &mut bool| {
-                if batch.is_none() {
-                    match spare.recv() {
-                        Ok(data) => {
-                            *batch = Some(Batch {
-                                data,
-                                used: 0,
-                                ops: Vec::new(),
-                            })
-                        }
-                        Err(_) => *writer_gone = true,
+    let read = |out: &Producer<Batch>| -> Result<()> {
+        let mut batch: Option<Batch> = None;
+        // Set when the writer has stopped (it failed): end quietly.
+        let mut writer_gone = false;
+        // The batch being filled, started with a spare buffer when there is none.
+        let current = |batch: &mut Option<Batch>, writer_gone: &mut bool| {
+            if batch.is_none() {
+                match out.buffer() {
+                    Some(data) => {
+                        *batch = Some(Batch {
+                            data,
+                            used: 0,
+                            ops: Vec::new(),
+                        })
                     }
-                }
-            };
-            let send = |batch: &mut Option<Batch>, writer_gone: &mut bool| {
-                if let Some(b) = batch.take() {
-                    *writer_gone |= to_writer.send(Ok(b)).is_err();
-                }
-            };
-            let res = chain.for_each_extent_above(0, size, above, |e| {
-                if e.depth >= above || writer_gone {
-                    return Ok(());
-                }
-                let mut zero = false;
-                match e.kind {
-                    ExtentKind::Data { .. } | ExtentKind::Compressed { .. } => {
-                        let mut pos = e.start;
-                        while pos < e.end() && !writer_gone {
-                            current(&mut batch, &mut writer_gone);
-                            let Some(b) = batch.as_mut() else { break };
-                            let room = b.data.len() - b.used;
-                            if room == 0 {
-                                send(&mut batch, &mut writer_gone);
-                                continue;
-                            }
-                            let len = (room as u64).min(e.end() - pos) as usize;
-                            chain.read_extent(e, pos, &mut b.data[b.used..b.used + len])?;
-                            b.ops.push(CommitOp::Data {
-                                offset: pos,
-                                pos: b.used,
-                                len,
-                            });
-                            b.used += len;
-                            pos += len as u64;
-                        }
-                    }
-                    ExtentKind::Zero { .. } => zero = true,
-                    ExtentKind::Unallocated => zero = zero_unallocated,
-                }
-                if zero {
-                    current(&mut batch, &mut writer_gone);
-                    if let Some(b) = batch.as_mut() {
-                        b.ops.push(CommitOp::Zero {
-                            offset: e.start,
-                            len: e.len,
-                        });
-                        if b.ops.len() >= MAX_OPS_PER_BATCH {
-                            send(&mut batch, &mut writer_gone);
-                        }
-                    }
-                }
-                Ok(())
-            });
-            match res {
-                Ok(()) => send(&mut batch, &mut writer_gone),
-                Err(e) => {
-                    let _ = to_writer.send(Err(e));
+                    None => *writer_gone = true,
                 }
             }
-        });
-        let mut write_all = |stats: &mut CommitStats| -> Result<()> {
-            for batch in from_reader.iter() {
-                let batch = batch?;
-                for op in &batch.ops {
-                    match *op {
-                        CommitOp::Data { offset, pos, len } => {
-                            base.write_at(&batch.data[pos..pos + len], offset, base_backing)?;
-                            throttle.account(len as u64);
-                            stats.bytes_copied += len as u64;
+        };
+        let send = |batch: &mut Option<Batch>, writer_gone: &mut bool| {
+            if let Some(b) = batch.take() {
+                *writer_gone |= !out.send(b);
+            }
+        };
+        chain.for_each_extent_above(0, size, above, |e| {
+            if e.depth >= above || writer_gone {
+                return Ok(());
+            }
+            let mut zero = false;
+            match e.kind {
+                ExtentKind::Data { .. } | ExtentKind::Compressed { .. } => {
+                    let mut pos = e.start;
+                    while pos < e.end() && !writer_gone {
+                        current(&mut batch, &mut writer_gone);
+                        let Some(b) = batch.as_mut() else { break };
+                        let room = b.data.len() - b.used;
+                        if room == 0 {
+                            send(&mut batch, &mut writer_gone);
+                            continue;
                         }
-                        CommitOp::Zero { offset, len } => {
-                            base.write_zeroes(offset, len, true, base_backing)?;
-                            stats.bytes_zeroed += len;
-                        }
+                        let len = (room as u64).min(e.end() - pos) as usize;
+                        chain.read_extent(e, pos, &mut b.data[b.used..b.used + len])?;
+                        b.ops.push(CommitOp::Data {
+                            offset: pos,
+                            pos: b.used,
+                            len,
+                        });
+                        b.used += len;
+                        pos += len as u64;
                     }
                 }
-                let _ = recycle.try_send(batch.data);
+                ExtentKind::Zero { .. } => zero = true,
+                ExtentKind::Unallocated => zero = zero_unallocated,
+            }
+            if zero {
+                current(&mut batch, &mut writer_gone);
+                if let Some(b) = batch.as_mut() {
+                    b.ops.push(CommitOp::Zero {
+                        offset: e.start,
+                        len: e.len,
+                    });
+                    if b.ops.len() >= MAX_OPS_PER_BATCH {
+                        send(&mut batch, &mut writer_gone);
+                    }
+                }
             }
             Ok(())
-        };
-        let result = write_all(&mut stats);
-        // Both ends dropped: a reader blocked on either channel wakes and ends.
-        drop(from_reader);
-        drop(recycle);
-        result
-    })?;
+        })?;
+        send(&mut batch, &mut writer_gone);
+        Ok(())
+    };
+    let write = |batch: Batch| -> Result<Vec<u8>> {
+        for op in &batch.ops {
+            match *op {
+                CommitOp::Data { offset, pos, len } => {
+                    base.write_at(&batch.data[pos..pos + len], offset, base_backing)?;
+                    throttle.account(len as u64);
+                    stats.bytes_copied += len as u64;
+                }
+                CommitOp::Zero { offset, len } => {
+                    base.write_zeroes(offset, len, true, base_backing)?;
+                    stats.bytes_zeroed += len;
+                }
+            }
+        }
+        Ok(batch.data)
+    };
+    pipeline::run(IO_CHUNK, read, write)?;
     Ok(stats)
 }

@@ -5,6 +5,7 @@ use crate::create::{init_qcow2, CreateOptions};
 use crate::error::{Error, Result};
 use crate::image::Qcow2;
 use crate::mapping::Extent;
+use crate::ops::pipeline::{self, Producer};
 use crate::ops::throttle::Throttle;
 use crate::storage::{PendingFile, Storage};
 use std::path::Path;
@@ -189,75 +190,49 @@ pub fn copy_into_observed(
     if !compress {
         return super::parallel_copy::copy_into_new(chain, img, share_blocks, throttle, observer);
     }
-    use std::sync::mpsc::sync_channel;
     let cs = img.cluster_size();
     let size = chain.virtual_size().min(img.virtual_size());
     let window = (IO_CHUNK as u64).max(cs);
-    let (to_writer, from_reader) = sync_channel::<Result<Piece>>(2);
-    let (recycle, spare) = sync_channel::<Vec<u8>>(4);
-    for _ in 0..3 {
-        let _ = recycle.send(vec![0u8; window as usize]);
-    }
     let mut stats = RawConvertStats::default();
-    std::thread::scope(|scope| -> Result<()> {
-        scope.spawn(move || {
-            let read_all = || -> Result<()> {
-                let mut off = 0u64;
-                while off < size {
-                    let n = window.min(size - off);
-                    for (s, t) in data_clusters(chain, off, n, cs)? {
-                        let Ok(mut data) = spare.recv() else {
-                            return Ok(());
-                        };
-                        let len = (t - s) as usize;
-                        chain.read_at(&mut data[..len], s)?;
-                        let runs = nonzero_runs(&data[..len], cs as usize);
-                        if to_writer
-                            .send(Ok(Piece {
-                                offset: s,
-                                data,
-                                runs,
-                            }))
-                            .is_err()
-                        {
-                            return Ok(());
-                        }
-                    }
-                    off += n;
+    let read = |out: &Producer<Piece>| -> Result<()> {
+        let mut off = 0u64;
+        while off < size {
+            let n = window.min(size - off);
+            for (s, t) in data_clusters(chain, off, n, cs)? {
+                let Some(mut data) = out.buffer() else {
+                    return Ok(());
+                };
+                let len = (t - s) as usize;
+                chain.read_at(&mut data[..len], s)?;
+                let runs = nonzero_runs(&data[..len], cs as usize);
+                if !out.send(Piece {
+                    offset: s,
+                    data,
+                    runs,
+                }) {
+                    return Ok(());
                 }
-                Ok(())
-            };
-            if let Err(e) = read_all() {
-                let _ = to_writer.send(Err(e));
             }
-        });
-        let mut write_all = |stats: &mut RawConvertStats| -> Result<()> {
-            for piece in from_reader.iter() {
-                let piece = piece?;
-                for &(a, b) in &piece.runs {
-                    let off = piece.offset + a as u64;
-                    let data = &piece.data[a..b];
-                    for (k, c) in data.chunks(cs as usize).enumerate() {
-                        let mut cluster = vec![0u8; cs as usize];
-                        cluster[..c.len()].copy_from_slice(c);
-                        img.write_compressed(off / cs + k as u64, &cluster)?;
-                    }
-                    observer(off, data);
-                    stats.bytes_written += data.len() as u64;
-                    throttle.account(data.len() as u64);
-                }
-                // The reader may already be gone; then the buffer is simply dropped.
-                let _ = recycle.try_send(piece.data);
+            off += n;
+        }
+        Ok(())
+    };
+    let write = |piece: Piece| -> Result<Vec<u8>> {
+        for &(a, b) in &piece.runs {
+            let off = piece.offset + a as u64;
+            let data = &piece.data[a..b];
+            for (k, c) in data.chunks(cs as usize).enumerate() {
+                let mut cluster = vec![0u8; cs as usize];
+                cluster[..c.len()].copy_from_slice(c);
+                img.write_compressed(off / cs + k as u64, &cluster)?;
             }
-            Ok(())
-        };
-        let result = write_all(&mut stats);
-        // Dropping both ends wakes a reader blocked on either channel, so a failed write
-        // (ENOSPC, say) ends the reader too instead of leaving it waiting for a buffer.
-        drop(from_reader);
-        drop(recycle);
-        result
-    })?;
+            observer(off, data);
+            stats.bytes_written += data.len() as u64;
+            throttle.account(data.len() as u64);
+        }
+        Ok(piece.data)
+    };
+    pipeline::run(window as usize, read, write)?;
     Ok(stats)
 }
 /// Writes `buf` at `offset`, skipping aligned all-zero blocks (they stay holes).

@@ -6,6 +6,7 @@ pub mod convert;
 pub mod info;
 pub mod map;
 pub mod parallel_copy;
+mod pipeline;
 pub mod rebase;
 pub mod snapshot;
 pub mod throttle;
