@@ -407,9 +407,17 @@ impl Chain {
                 self.virtual_size()
             )));
         }
-        for e in self.map(offset, len)? {
-            let s = (e.start - offset) as usize;
-            self.read_extent(&e, e.start, &mut buf[s..s + e.len as usize])?;
+        self.read_mapped(&self.map(offset, len)?, buf, offset)
+    }
+
+    /// Reads guest bytes at `offset` through extents already mapped by [`Chain::map`] over
+    /// a range that holds this one (so a caller that needs the mapping anyway maps once).
+    pub fn read_mapped(&self, extents: &[Extent], buf: &mut [u8], offset: u64) -> Result<()> {
+        let end = offset + buf.len() as u64;
+        for e in extents.iter().filter(|e| e.end() > offset && e.start < end) {
+            let (s, t) = (e.start.max(offset), e.end().min(end));
+            let b = &mut buf[(s - offset) as usize..(t - offset) as usize];
+            self.read_extent(e, s, b)?;
         }
         Ok(())
     }

@@ -41,8 +41,7 @@ struct Window {
 }
 
 /// Where a stretch of a window was read from verbatim (an uncompressed data extent), so
-/// the writer can clone it instead of writing it.
-#[derive(Clone, Copy)]
+/// the writer can clone it instead of writing it. Sorted by `pos`, disjoint.
 struct Source {
     /// Position in the window's data.
     pos: usize,
@@ -74,6 +73,11 @@ pub fn copy_into_new(
     let size = chain.virtual_size().min(img.virtual_size());
     let window = (IO_CHUNK as u64).max(cs);
     let windows = size.div_ceil(window) as usize;
+    let geometry = Geometry {
+        window,
+        cluster: cs,
+        size,
+    };
     let storage = img.storage().clone();
     let out_path = img.path().to_string();
     let (to_planner, from_workers) = sync_channel::<Result<Window>>(WORKERS * BUFFERS_PER_WORKER);
@@ -93,7 +97,7 @@ pub fn copy_into_new(
         for (w, spare) in spare_receivers.into_iter().enumerate() {
             let to_planner = to_planner.clone();
             scope.spawn(move || {
-                let res = read_windows(chain, w, window, size, cs, spare, &to_planner);
+                let res = read_windows(chain, w, geometry, share_blocks, spare, &to_planner);
                 if let Err(e) = res {
                     let _ = to_planner.send(Err(e));
                 }
@@ -131,16 +135,29 @@ pub fn copy_into_new(
     Ok(stats)
 }
 
-/// A worker: reads its windows (every `WORKERS`th) into spare buffers and sends them on.
+/// How a copy cuts the disk: window and cluster size, bytes to copy.
+#[derive(Clone, Copy)]
+struct Geometry {
+    window: u64,
+    cluster: u64,
+    size: u64,
+}
+
+/// A worker: reads its windows (every `WORKERS`th) into spare buffers and sends them on;
+/// with `share_blocks`, notes where each window's data came from verbatim.
 fn read_windows(
     chain: &Chain,
     first: usize,
-    window: u64,
-    size: u64,
-    cs: u64,
+    geometry: Geometry,
+    share_blocks: bool,
     spare: Receiver<Vec<u8>>,
     to_planner: &SyncSender<Result<Window>>,
 ) -> Result<()> {
+    let Geometry {
+        window,
+        cluster: cs,
+        size,
+    } = geometry;
     let mut index = first;
     while (index as u64) * window < size {
         // No spare buffer comes back once the writer has stopped.
@@ -150,22 +167,26 @@ fn read_windows(
         let offset = index as u64 * window;
         let n = window.min(size - offset);
         let extents = chain.map(offset, n)?;
-        let sources: Vec<Source> = extents
-            .iter()
-            .filter_map(|e| match e.kind {
-                ExtentKind::Data { host } => Some(Source {
-                    pos: (e.start - offset) as usize,
-                    len: e.len as usize,
-                    layer: e.depth,
-                    host,
-                }),
-                _ => None,
-            })
-            .collect();
+        let sources: Vec<Source> = if share_blocks {
+            extents
+                .iter()
+                .filter_map(|e| match e.kind {
+                    ExtentKind::Data { host } => Some(Source {
+                        pos: (e.start - offset) as usize,
+                        len: e.len as usize,
+                        layer: e.depth,
+                        host,
+                    }),
+                    _ => None,
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
         let mut runs: Vec<(usize, usize)> = Vec::new();
         for (s, t) in data_clusters_of(&extents, offset, n, cs) {
             let (a, b) = ((s - offset) as usize, (t - offset) as usize);
-            chain.read_at(&mut data[a..b], s)?;
+            chain.read_mapped(&extents, &mut data[a..b], s)?;
             for (x, y) in nonzero_runs(&data[a..b], cs as usize) {
                 match runs.last_mut() {
                     Some(last) if last.1 == a + x => last.1 = a + y,
@@ -265,9 +286,8 @@ fn write_windows(
             // Walk the run: clone what comes verbatim from a source, write the rest (in
             // one write per stretch between clones).
             let mut unwritten = pos;
-            let mut p = pos;
             for src in &job.sources {
-                let (s, e) = (src.pos.max(p), (src.pos + src.len).min(end));
+                let (s, e) = (src.pos.max(pos), (src.pos + src.len).min(end));
                 if s >= e || !may_clone[src.layer] {
                     continue;
                 }
@@ -292,7 +312,6 @@ fn write_windows(
                     }
                     CloneOutcome::Unsupported => may_clone[src.layer] = false,
                 }
-                p = e;
             }
             if unwritten < end {
                 write(&job.data[unwritten..end], host + (unwritten - pos) as u64)?;
