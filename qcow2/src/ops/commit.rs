@@ -107,42 +107,36 @@ pub fn commit_into(
     let mut stats = CommitStats::default();
     let read = |out: &Producer<Batch>| -> Result<()> {
         let mut batch: Option<Batch> = None;
-        // Set when the writer has stopped (it failed): end quietly.
-        let mut writer_gone = false;
-        // The batch being filled, started with a spare buffer when there is none.
-        let current = |batch: &mut Option<Batch>, writer_gone: &mut bool| {
+        // The batch being filled, started with a spare buffer when there is none; None
+        // once the writer has stopped.
+        let current = |batch: &mut Option<Batch>| {
             if batch.is_none() {
-                match out.buffer() {
-                    Some(data) => {
-                        *batch = Some(Batch {
-                            data,
-                            used: 0,
-                            ops: Vec::new(),
-                        })
-                    }
-                    None => *writer_gone = true,
-                }
+                *batch = out.buffer().map(|data| Batch {
+                    data,
+                    used: 0,
+                    ops: Vec::new(),
+                });
             }
         };
-        let send = |batch: &mut Option<Batch>, writer_gone: &mut bool| {
+        let send = |batch: &mut Option<Batch>| {
             if let Some(b) = batch.take() {
-                *writer_gone |= !out.send(b);
+                out.send(b);
             }
         };
         chain.for_each_extent_above(0, size, above, |e| {
-            if e.depth >= above || writer_gone {
+            if e.depth >= above || out.writer_gone() {
                 return Ok(());
             }
             let mut zero = false;
             match e.kind {
                 ExtentKind::Data { .. } | ExtentKind::Compressed { .. } => {
                     let mut pos = e.start;
-                    while pos < e.end() && !writer_gone {
-                        current(&mut batch, &mut writer_gone);
+                    while pos < e.end() {
+                        current(&mut batch);
                         let Some(b) = batch.as_mut() else { break };
                         let room = b.data.len() - b.used;
                         if room == 0 {
-                            send(&mut batch, &mut writer_gone);
+                            send(&mut batch);
                             continue;
                         }
                         let len = (room as u64).min(e.end() - pos) as usize;
@@ -160,20 +154,20 @@ pub fn commit_into(
                 ExtentKind::Unallocated => zero = zero_unallocated,
             }
             if zero {
-                current(&mut batch, &mut writer_gone);
+                current(&mut batch);
                 if let Some(b) = batch.as_mut() {
                     b.ops.push(CommitOp::Zero {
                         offset: e.start,
                         len: e.len,
                     });
                     if b.ops.len() >= MAX_OPS_PER_BATCH {
-                        send(&mut batch, &mut writer_gone);
+                        send(&mut batch);
                     }
                 }
             }
             Ok(())
         })?;
-        send(&mut batch, &mut writer_gone);
+        send(&mut batch);
         Ok(())
     };
     let write = |batch: Batch| -> Result<Vec<u8>> {

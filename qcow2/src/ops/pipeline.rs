@@ -3,6 +3,7 @@
 //! memory stays bounded. Used by commit and by compressed copies.
 
 use crate::error::Result;
+use std::cell::Cell;
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 
 /// Buffers in the pool: one being read, one queued, one being written.
@@ -10,22 +11,33 @@ const POOL: usize = 3;
 /// Items queued between the threads.
 const QUEUE: usize = 2;
 
-/// The reader's end: spare buffers in, items out. Both calls report a writer that has
-/// stopped (it failed; its error is what the pipeline returns), so the reader ends quietly.
+/// The reader's end: spare buffers in, items out. Both calls notice a writer that has
+/// stopped (it failed; its error is what the pipeline returns) and remember it, so the
+/// reader can end quietly.
 pub(crate) struct Producer<T> {
     spare: Receiver<Vec<u8>>,
     out: SyncSender<Result<T>>,
+    writer_gone: Cell<bool>,
 }
 
 impl<T> Producer<T> {
     /// A buffer to fill; None once the writer has stopped.
     pub(crate) fn buffer(&self) -> Option<Vec<u8>> {
-        self.spare.recv().ok()
+        let b = self.spare.recv().ok();
+        self.writer_gone.set(self.writer_gone.get() || b.is_none());
+        b
     }
 
     /// Hands an item to the writer; false once the writer has stopped.
     pub(crate) fn send(&self, item: T) -> bool {
-        self.out.send(Ok(item)).is_ok()
+        let sent = self.out.send(Ok(item)).is_ok();
+        self.writer_gone.set(self.writer_gone.get() || !sent);
+        sent
+    }
+
+    /// Whether a call has found the writer stopped.
+    pub(crate) fn writer_gone(&self) -> bool {
+        self.writer_gone.get()
     }
 }
 
@@ -44,7 +56,11 @@ pub(crate) fn run<T: Send>(
     }
     std::thread::scope(|scope| {
         scope.spawn(move || {
-            let producer = Producer { spare, out };
+            let producer = Producer {
+                spare,
+                out,
+                writer_gone: Cell::new(false),
+            };
             if let Err(e) = read(&producer) {
                 let _ = producer.out.send(Err(e));
             }
