@@ -40,15 +40,19 @@ fn qemu_io(cwd: &Path, file: &str, cmds: &[String]) {
     assert!(c == 0 && !o.contains("failed"), "qemu-io {cmds:?}: {o}{e}");
 }
 
-/// Runs qmprestore with no PATH at all: it must not need any other program.
-fn restore(cwd: &Path, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_qmprestore"))
-        .args(args)
+/// qmprestore with no PATH at all, in `cwd`.
+fn restore_cmd(cwd: &Path, args: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_qmprestore"));
+    cmd.args(args)
         .current_dir(cwd)
         .env_clear()
-        .env("PATH", "/nonexistent")
-        .output()
-        .unwrap();
+        .env("PATH", "/nonexistent");
+    cmd
+}
+
+/// Runs qmprestore with no PATH at all: it must not need any other program.
+fn restore(cwd: &Path, args: &[&str]) -> (i32, String, String) {
+    let out = restore_cmd(cwd, args).output().unwrap();
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -525,43 +529,16 @@ fn two_chains_partial_files_and_listing() {
 /// Runs qmprestore (no PATH) with a fault injected at its `n`th file write (see
 /// `qcow2::storage::fault`). Returns (killed by SIGKILL, exit code, stderr).
 fn restore_faulty(cwd: &Path, args: &[&str], n: u64, kind: &str) -> (bool, i32, String) {
-    use std::os::unix::process::ExitStatusExt;
-    let out = Command::new(env!("CARGO_BIN_EXE_qmprestore"))
-        .args(args)
-        .current_dir(cwd)
-        .env_clear()
-        .env("PATH", "/nonexistent")
-        .env("QCOW2_FAULT_AFTER_WRITES", n.to_string())
-        .env("QCOW2_FAULT_KIND", kind)
-        .output()
-        .unwrap();
-    (
-        out.status.signal() == Some(9),
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    testkit::run_with_fault(restore_cmd(cwd, args), n, kind)
 }
 
-/// Kills `args` at write 1, 2, 3, 4, 6, 9, … (each run a fresh process on the state the
-/// previous kill left) until a run completes; `after_kill` inspects the state after each
-/// kill. Returns how many runs were killed.
-fn kill_until_done(cwd: &Path, args: &[&str], mut after_kill: impl FnMut(u64)) -> u64 {
-    let mut n = 1u64;
-    let mut kills = 0;
-    loop {
-        let (killed, code, err) = restore_faulty(cwd, args, n, "kill");
-        if !killed {
-            assert_eq!(code, 0, "qmprestore {args:?} (fault at write {n}): {err}");
-            return kills;
-        }
-        kills += 1;
-        after_kill(n);
-        n = (n * 3 / 2).max(n + 1);
-        assert!(n < 1_000_000, "qmprestore {args:?} never finished");
-    }
+/// Kills `args` at write 1, 2, 3, 4, 6, 9, … until a run completes; `after_kill` inspects
+/// the state after each kill. Returns how many runs were killed.
+fn kill_until_done(cwd: &Path, args: &[&str], after_kill: impl FnMut(u64)) -> u64 {
+    let what = format!("qmprestore {args:?}");
+    testkit::kill_until_done(&what, || restore_cmd(cwd, args), after_kill)
 }
 
-/// qemu-img check exit code: 0 clean, 3 leaks only (harmless), 2 corruption.
 fn check_code(cwd: &Path, f: &str) -> i32 {
     run("qemu-img", &["check", "-U", f], cwd).0
 }
@@ -869,44 +846,8 @@ fn merge_on_xfs_shares_blocks_with_the_backups() {
 
 /// Runs qmprestore with a 20 s limit and a 2 GiB address-space limit: (exit code, stderr).
 fn restore_limited(cwd: &Path, args: &[&str]) -> (i32, String) {
-    use std::io::Read;
-    use std::os::unix::process::CommandExt;
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_qmprestore"));
-    cmd.args(args)
-        .current_dir(cwd)
-        .env_clear()
-        .env("PATH", "/nonexistent")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped());
-    // SAFETY: setrlimit only, between fork and exec.
-    unsafe {
-        cmd.pre_exec(|| {
-            let lim = libc::rlimit {
-                rlim_cur: 2 << 30,
-                rlim_max: 2 << 30,
-            };
-            libc::setrlimit(libc::RLIMIT_AS, &lim);
-            Ok(())
-        });
-    }
-    let mut child = cmd.spawn().unwrap();
-    let mut pipe = child.stderr.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = pipe.read_to_string(&mut s);
-        s
-    });
-    let start = std::time::Instant::now();
-    loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            return (st.code().unwrap_or(-1), reader.join().unwrap());
-        }
-        if start.elapsed() > std::time::Duration::from_secs(20) {
-            let _ = child.kill();
-            panic!("qmprestore {args:?} hung (> 20 s)");
-        }
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
+    let what = format!("qmprestore {args:?}");
+    testkit::run_limited(restore_cmd(cwd, args), &what, || {})
 }
 
 /// Variants of a good backup file: truncated, absurd header fields, wild table entries,

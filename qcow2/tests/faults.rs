@@ -6,39 +6,24 @@
 
 mod common;
 use common::*;
-use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::Command;
 
+fn qcow2_cmd(dir: &Path, args: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_qcow2"));
+    cmd.args(args).current_dir(dir);
+    cmd
+}
+
 /// Runs our binary with a fault at write `n`: (killed, exit code, stderr).
 fn faulty(dir: &Path, args: &[&str], n: u64, kind: &str) -> (bool, i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_qcow2"))
-        .args(args)
-        .current_dir(dir)
-        .env("QCOW2_FAULT_AFTER_WRITES", n.to_string())
-        .env("QCOW2_FAULT_KIND", kind)
-        .output()
-        .unwrap();
-    (
-        out.status.signal() == Some(9),
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    testkit::run_with_fault(qcow2_cmd(dir, args), n, kind)
 }
 
 /// Write counts 1, 2, 3, 4, 6, 9, … up to the first run that is not killed.
-fn kill_points(dir: &Path, args: &[&str], mut after_kill: impl FnMut(u64)) -> u64 {
-    let (mut n, mut kills) = (1u64, 0);
-    loop {
-        let (killed, code, err) = faulty(dir, args, n, "kill");
-        if !killed {
-            assert_eq!(code, 0, "qcow2 {args:?} (fault at write {n}): {err}");
-            return kills;
-        }
-        kills += 1;
-        after_kill(n);
-        n = (n * 3 / 2).max(n + 1);
-    }
+fn kill_points(dir: &Path, args: &[&str], after_kill: impl FnMut(u64)) -> u64 {
+    let what = format!("qcow2 {args:?}");
+    testkit::kill_until_done(&what, || qcow2_cmd(dir, args), after_kill)
 }
 
 fn check_code(dir: &Path, f: &str) -> i32 {
