@@ -2,6 +2,7 @@
 //! backup chains. The qcow2 work is done by the `qcow2` crate.
 
 pub mod backup;
+pub mod fsutil;
 pub mod manifest;
 pub mod qmp;
 pub mod report;

@@ -13,8 +13,10 @@
 //! `run-size`, so they do not depend on where the data lies in the file. The CRC32
 //! (IEEE, as crc32fast computes it) is over the guest bytes of the run.
 
+use crate::fsutil::{self, Dir};
 use anyhow::{bail, Context, Result};
 use qcow2::{Chain, Format, OpenOptions};
+use serde::de::DeserializeSeed;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -147,92 +149,309 @@ pub fn write_manifest_runs(
     virtual_size: u64,
     runs: Vec<Run>,
 ) -> Result<Manifest> {
-    store(image, uuid, virtual_size, runs)
+    let (dir, name) = open_parent(image)?;
+    store(&dir, &name, uuid, virtual_size, runs)
 }
 
 /// Computes and writes `<image>.manifest` (atomically).
 pub fn write_manifest(image: &Path, uuid: Option<&str>) -> Result<Manifest> {
-    let (virtual_size, runs) = compute_runs(image)?;
-    store(image, uuid, virtual_size, runs)
+    let (dir, name) = open_parent(image)?;
+    write_manifest_in(&dir, &name, uuid)
 }
 
-fn store(image: &Path, uuid: Option<&str>, virtual_size: u64, runs: Vec<Run>) -> Result<Manifest> {
+/// Computes and writes the manifest of the image `name` in the opened directory `dir`.
+pub fn write_manifest_in(dir: &Dir, name: &str, uuid: Option<&str>) -> Result<Manifest> {
+    let (virtual_size, runs) = compute_runs(&dir.join(name))?;
+    store(dir, name, uuid, virtual_size, runs)
+}
+
+/// The directory of `image`, opened, and the image's file name in it.
+fn open_parent(image: &Path) -> Result<(Dir, String)> {
+    let parent = match image.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let name = image
+        .file_name()
+        .and_then(|n| n.to_str())
+        .with_context(|| format!("{}: not a file name", image.display()))?
+        .to_string();
+    let dir = Dir::open(parent).with_context(|| format!("{}: cannot open", parent.display()))?;
+    Ok((dir, name))
+}
+
+/// The manifest's name beside an image named `name`.
+pub fn manifest_name(name: &str) -> String {
+    format!("{name}.manifest")
+}
+
+fn store(
+    dir: &Dir,
+    name: &str,
+    uuid: Option<&str>,
+    virtual_size: u64,
+    runs: Vec<Run>,
+) -> Result<Manifest> {
     let m = Manifest {
         format: FORMAT.into(),
         version: 1,
-        file: image
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default(),
+        file: name.to_string(),
         virtual_size,
         run_size: RUN_SIZE,
         uuid: uuid.map(str::to_string),
         runs,
     };
-    let path = manifest_path(image);
-    let tmp = path.with_extension("manifest.tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(&m)?)
-        .with_context(|| format!("{}: cannot write manifest", tmp.display()))?;
-    std::fs::rename(&tmp, &path)
-        .with_context(|| format!("{}: cannot write manifest", path.display()))?;
+    let manifest = manifest_name(name);
+    let bytes = serde_json::to_vec_pretty(&m)?;
+    // Written through `<manifest>.tmp`, created anew (a leftover or a planted symlink there
+    // is removed, never written through), then renamed over the manifest.
+    dir.write_atomic(&manifest, &bytes)
+        .with_context(|| format!("{}: cannot write manifest", dir.join(&manifest).display()))?;
     Ok(m)
 }
 
-pub fn read_manifest(image: &Path) -> Result<Option<Manifest>> {
-    let path = manifest_path(image);
-    match std::fs::read(&path) {
-        Ok(b) => {
-            let m: Manifest = serde_json::from_slice(&b)
-                .with_context(|| format!("{}: not a valid manifest", path.display()))?;
-            if m.format != FORMAT || m.version != 1 {
-                bail!("{}: unknown manifest format/version", path.display());
-            }
-            Ok(Some(m))
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(e).with_context(|| format!("{}: cannot read manifest", path.display())),
-    }
+/// A manifest without its runs: what commands need to know about it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ManifestHeader {
+    pub format: String,
+    pub version: u32,
+    pub file: String,
+    pub virtual_size: u64,
+    pub run_size: u64,
+    pub uuid: Option<String>,
 }
 
-/// Re-reads the image and compares with its manifest. Ok(None) when there is no manifest;
-/// Err describes the first difference (file and guest offset).
-pub fn verify_manifest(image: &Path) -> Result<Option<Manifest>> {
-    let Some(m) = read_manifest(image)? else {
+/// How a damaged manifest is reported: what is wrong and what to do.
+fn damaged(path: &Path, what: impl std::fmt::Display) -> anyhow::Error {
+    anyhow::anyhow!(
+        "{}: damaged checksum manifest ({what}); `qmprestore verify` reports on every file, and the manifest can be removed to go on without checksums for this file",
+        path.display()
+    )
+}
+
+/// Reads a manifest as a stream: the header fields are returned, each run is handed to
+/// `on_run` in file order (its error stops the reading and is returned as it is), so a
+/// manifest of millions of runs needs no memory for them. Ok(None) when there is none.
+fn read_streaming(
+    image: &Path,
+    mut on_run: impl FnMut(Run) -> Result<()>,
+) -> Result<Option<ManifestHeader>> {
+    let path = manifest_path(image);
+    let file = match fsutil::open_regular(&path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(damaged(&path, e)),
+    };
+    let mut stopped: Option<anyhow::Error> = None;
+    let mut de = serde_json::Deserializer::from_reader(std::io::BufReader::new(file));
+    let parsed = stream::HeaderSeed {
+        on_run: &mut |run| match on_run(run) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                stopped = Some(e);
+                Err(())
+            }
+        },
+    }
+    .deserialize(&mut de)
+    .and_then(|h| de.end().map(|_| h));
+    if let Some(e) = stopped {
+        return Err(e);
+    }
+    let h = parsed.map_err(|e| damaged(&path, e))?;
+    if h.format != FORMAT || h.version != 1 {
+        return Err(damaged(
+            &path,
+            format!(
+                "format {:?} version {}, expected {FORMAT:?} version 1",
+                h.format, h.version
+            ),
+        ));
+    }
+    Ok(Some(h))
+}
+
+/// Reads a manifest's header (its runs are skipped, not kept). Ok(None) when there is none.
+pub fn read_manifest(image: &Path) -> Result<Option<ManifestHeader>> {
+    read_streaming(image, |_| Ok(()))
+}
+
+/// Reads a whole manifest, runs included.
+pub fn load_manifest(image: &Path) -> Result<Option<Manifest>> {
+    let mut runs = Vec::new();
+    let Some(h) = read_streaming(image, |r| {
+        runs.push(r);
+        Ok(())
+    })?
+    else {
         return Ok(None);
     };
-    let (size, runs) = compute_runs(image)?;
-    let name = image.display();
-    if size != m.virtual_size {
+    Ok(Some(Manifest {
+        format: h.format,
+        version: h.version,
+        file: h.file,
+        virtual_size: h.virtual_size,
+        run_size: h.run_size,
+        uuid: h.uuid,
+        runs,
+    }))
+}
+
+/// Re-reads the image and compares with its manifest, one recorded run at a time (bounded
+/// memory whatever the manifest's size): every recorded range must be allocated and match
+/// its checksum, and nothing between them allocated. Ok(None) when there is no manifest;
+/// Err describes the first difference (file and guest offset).
+pub fn verify_manifest(image: &Path) -> Result<Option<ManifestHeader>> {
+    if !manifest_path(image).exists() && manifest_path(image).symlink_metadata().is_err() {
+        return Ok(None);
+    }
+    let chain = open_alone(image)?;
+    let size = chain.virtual_size();
+    let is_raw = chain.top().format() == Format::Raw;
+    let name = image.display().to_string();
+    // The first allocated offset in a range, and the first unallocated one.
+    let first = |start: u64, len: u64, allocated: bool| -> Result<Option<u64>> {
+        let mut found = None;
+        if len == 0 {
+            return Ok(None);
+        }
+        chain.for_each_extent(start, len, |e| {
+            if found.is_none() && (e.present() || is_raw) == allocated {
+                found = Some(e.start.max(start));
+            }
+            Ok(())
+        })?;
+        Ok(found)
+    };
+    let mut pos = 0u64;
+    let mut buf = vec![0u8; 4 << 20];
+    let header = read_streaming(image, |(start, len, crc)| {
+        let end = start
+            .checked_add(len)
+            .filter(|&e| len > 0 && start >= pos && e <= size)
+            .ok_or_else(|| {
+                damaged(
+                    &manifest_path(image),
+                    format!("run {start:#x}+{len:#x} is out of order or past the disk's end"),
+                )
+            })?;
+        if let Some(off) = first(pos, start - pos, true)? {
+            bail!("{name}: data at guest offset {off:#x} that the manifest does not record");
+        }
+        if let Some(off) = first(start, len, false)? {
+            bail!(
+                "{name}: the manifest records data at guest offset {off:#x} that the image no longer has"
+            );
+        }
+        let mut h = crc32fast::Hasher::new();
+        let mut p = start;
+        while p < end {
+            let n = (buf.len() as u64).min(end - p) as usize;
+            chain.read_at(&mut buf[..n], p)?;
+            h.update(&buf[..n]);
+            p += n as u64;
+        }
+        let found = format!("{:08x}", h.finalize());
+        if found != crc {
+            bail!(
+                "{name}: checksum mismatch in guest range {start:#x}..{end:#x} (bit rot or damage): recorded {crc}, found {found}"
+            );
+        }
+        pos = end;
+        Ok(())
+    })?;
+    let Some(header) = header else {
+        return Ok(None);
+    };
+    if size != header.virtual_size {
         bail!(
             "{name}: virtual size is {size}, the manifest recorded {}",
-            m.virtual_size
+            header.virtual_size
         );
     }
-    for (i, rec) in m.runs.iter().enumerate() {
-        match runs.get(i) {
-            Some(now) if now == rec => {}
-            Some(now) if now.0 == rec.0 && now.1 == rec.1 => bail!(
-                "{name}: checksum mismatch in guest range {:#x}..{:#x} (bit rot or damage): recorded {}, found {}",
-                rec.0,
-                rec.0 + rec.1,
-                rec.2,
-                now.2
-            ),
-            Some(now) => bail!(
-                "{name}: allocation differs from the manifest at guest offset {:#x} (metadata damaged?)",
-                now.0.min(rec.0)
-            ),
-            None => bail!(
-                "{name}: the manifest records data at guest offset {:#x} that the image no longer has",
-                rec.0
-            ),
+    if let Some(off) = first(pos, size - pos, true)? {
+        bail!("{name}: data at guest offset {off:#x} that the manifest does not record");
+    }
+    Ok(Some(header))
+}
+
+/// Streaming deserialisation of a manifest: the header's fields are kept, the runs handed
+/// one by one to a callback.
+mod stream {
+    use super::{ManifestHeader, Run};
+    use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
+    use std::fmt;
+
+    pub type OnRun<'a> = &'a mut dyn FnMut(Run) -> Result<(), ()>;
+
+    pub struct HeaderSeed<'a> {
+        pub on_run: OnRun<'a>,
+    }
+
+    impl<'de> DeserializeSeed<'de> for HeaderSeed<'_> {
+        type Value = ManifestHeader;
+        fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<ManifestHeader, D::Error> {
+            d.deserialize_map(self)
         }
     }
-    if let Some(extra) = runs.get(m.runs.len()) {
-        bail!(
-            "{name}: data at guest offset {:#x} that the manifest does not record",
-            extra.0
-        );
+
+    impl<'de> Visitor<'de> for HeaderSeed<'_> {
+        type Value = ManifestHeader;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a manifest object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<ManifestHeader, A::Error> {
+            let mut h = ManifestHeader::default();
+            let mut seen_format = false;
+            while let Some(key) = map.next_key::<String>()? {
+                match key.as_str() {
+                    "format" => {
+                        h.format = map.next_value()?;
+                        seen_format = true;
+                    }
+                    "version" => h.version = map.next_value()?,
+                    "file" => h.file = map.next_value()?,
+                    "virtual-size" => h.virtual_size = map.next_value()?,
+                    "run-size" => h.run_size = map.next_value()?,
+                    "uuid" => h.uuid = map.next_value()?,
+                    "runs" => map.next_value_seed(RunsSeed {
+                        on_run: &mut *self.on_run,
+                    })?,
+                    _ => {
+                        map.next_value::<IgnoredAny>()?;
+                    }
+                }
+            }
+            if !seen_format {
+                return Err(de::Error::missing_field("format"));
+            }
+            Ok(h)
+        }
     }
-    Ok(Some(m))
+
+    struct RunsSeed<'a> {
+        on_run: OnRun<'a>,
+    }
+
+    impl<'de> DeserializeSeed<'de> for RunsSeed<'_> {
+        type Value = ();
+        fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+            d.deserialize_seq(self)
+        }
+    }
+
+    impl<'de> Visitor<'de> for RunsSeed<'_> {
+        type Value = ();
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a list of [start, length, crc32] runs")
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+            while let Some(run) = seq.next_element::<Run>()? {
+                if (self.on_run)(run).is_err() {
+                    return Err(de::Error::custom("stopped"));
+                }
+            }
+            Ok(())
+        }
+    }
 }

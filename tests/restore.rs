@@ -219,7 +219,10 @@ fn merge_every_point_leaves_backups_untouched() {
         same(d, target.to_str().unwrap(), model);
         // the merged target gets a manifest (built while writing) that verifies by re-reading
         assert!(target.with_extension("qcow2.manifest").exists());
-        let m = qmpbackup::manifest::verify_manifest(&target)
+        qmpbackup::manifest::verify_manifest(&target)
+            .unwrap()
+            .unwrap();
+        let m = qmpbackup::manifest::load_manifest(&target)
             .unwrap()
             .unwrap();
         assert_eq!(
@@ -963,4 +966,361 @@ fn hostile_files_in_a_backup_directory() {
             }
         }
     }
+}
+
+// ---- Planted symlinks, special files, leftovers, files in use ----------------------------
+
+/// A file outside the backup directory that a planted symlink points at.
+fn victim(b: &BackupDir) -> PathBuf {
+    let v = b._tmp.path().join("victim");
+    std::fs::write(&v, b"precious, not a manifest").unwrap();
+    v
+}
+
+fn assert_victim_intact(v: &Path) {
+    assert_eq!(std::fs::read(v).unwrap(), b"precious, not a manifest");
+}
+
+#[test]
+fn planted_symlinks_at_side_file_names_are_never_followed() {
+    let b = backup_dir();
+    let v = victim(&b);
+    let link = |at: &Path| std::os::unix::fs::symlink(&v, at).unwrap();
+    // merge: the target's manifest is written through `<T>.manifest.tmp`.
+    let d = copy_dir(&b, "plant-merge");
+    let out = b._tmp.path().join("plant-out");
+    std::fs::create_dir(&out).unwrap();
+    let t = out.join("restored.qcow2");
+    link(&out.join("restored.qcow2.manifest.tmp"));
+    restore_ok(
+        &d,
+        &["merge", "--dir", ".", "--targetfile", t.to_str().unwrap()],
+    );
+    assert_victim_intact(&v);
+    let m = out.join("restored.qcow2.manifest");
+    assert!(m.symlink_metadata().unwrap().file_type().is_file());
+    restore_ok(&d, &["verify", "--dir", "."]);
+    // merge refuses an existing manifest for the target, as it refuses the target.
+    let t2 = out.join("second.qcow2");
+    link(&out.join("second.qcow2.manifest"));
+    let (c, _, e) = restore(
+        &d,
+        &["merge", "--dir", ".", "--targetfile", t2.to_str().unwrap()],
+    );
+    assert_eq!(c, 1, "{e}");
+    assert!(
+        e.contains("second.qcow2.manifest") && e.contains("not overwriting"),
+        "{e}"
+    );
+    assert!(!t2.exists());
+    assert_victim_intact(&v);
+    // commit: the FULL's manifest is refreshed through its `.manifest.tmp`.
+    let d = copy_dir(&b, "plant-commit");
+    let full = &b.points[0].0;
+    link(&d.join(format!("{full}.manifest.tmp")));
+    restore_ok(&d, &["commit", "--dir", "."]);
+    assert_victim_intact(&v);
+    assert!(!d.join(format!("{full}.manifest.tmp")).exists());
+    restore_ok(&d, &["verify", "--dir", "."]);
+    // rebase: an `image` symlink pointing elsewhere is replaced, never written through.
+    let d = copy_dir(&b, "plant-rebase");
+    link(&d.join("image"));
+    restore_ok(&d, &["rebase", "--dir", "."]);
+    assert_victim_intact(&v);
+    assert_eq!(
+        std::fs::read_link(d.join("image")).unwrap(),
+        Path::new(&b.points[3].0)
+    );
+    // A backup file that is a symlink to a file elsewhere is never changed in place.
+    let d = copy_dir(&b, "plant-full");
+    let elsewhere = b._tmp.path().join("elsewhere.qcow2");
+    std::fs::rename(d.join(full), &elsewhere).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, d.join(full)).unwrap();
+    let before = std::fs::read(&elsewhere).unwrap();
+    for verb in ["commit", "snapshotrebase"] {
+        let (c, _, e) = restore(&d, &[verb, "--dir", "."]);
+        assert_eq!(c, 1, "{verb}: {e}");
+        assert!(e.contains("not a regular file"), "{verb}: {e}");
+        assert_eq!(std::fs::read(&elsewhere).unwrap(), before, "{verb}");
+    }
+}
+
+#[test]
+fn fifos_and_leftover_temporaries_in_a_backup_directory() {
+    let b = backup_dir();
+    let mkfifo = |p: &Path| {
+        let c = std::ffi::CString::new(p.to_str().unwrap()).unwrap();
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    };
+    let out = b._tmp.path().join("fifo-out.qcow2");
+    let verbs: [&[&str]; 6] = [
+        &["list"],
+        &["verify"],
+        &["merge", "--targetfile", out.to_str().unwrap()],
+        &["rebase"],
+        &["commit"],
+        &["snapshotrebase"],
+    ];
+    for verb in verbs {
+        // A FIFO and a socket named like backups, and leftover temporaries: skipped, the
+        // command does its job.
+        let _ = std::fs::remove_dir_all(b._tmp.path().join("fifo"));
+        let _ = std::fs::remove_file(&out);
+        let _ = std::fs::remove_file(manifest_of(&out));
+        let d = copy_dir(&b, "fifo");
+        mkfifo(&d.join("INC-5000-disk1.qcow2"));
+        let _sock = std::os::unix::net::UnixListener::bind(d.join("INC-5001-disk1.qcow2")).unwrap();
+        std::fs::write(
+            d.join(format!("{}.manifest.tmp", b.points[0].0)),
+            b"{\"trunc",
+        )
+        .unwrap();
+        std::fs::write(
+            d.join(format!("{}.partial.failed-99", b.points[1].0)),
+            b"junk",
+        )
+        .unwrap();
+        let mut args = vec![verb[0], "--dir", "."];
+        args.extend_from_slice(&verb[1..]);
+        let (code, err) = restore_limited(&d, &args);
+        assert_eq!(code, 0, "{args:?}: {err}");
+        assert!(
+            err.contains("FIFO") && err.contains("socket"),
+            "{args:?}: {err}"
+        );
+        if verb[0] == "commit" || verb[0] == "snapshotrebase" {
+            // The next write to the leftover's name cleaned it up.
+            assert!(!d.join(format!("{}.manifest.tmp", b.points[0].0)).exists());
+        }
+        // A FIFO in place of a manifest is refused with a message, never opened blocking.
+        let _ = std::fs::remove_dir_all(b._tmp.path().join("fifo"));
+        let _ = std::fs::remove_file(&out);
+        let _ = std::fs::remove_file(manifest_of(&out));
+        let d = copy_dir(&b, "fifo");
+        let m = d.join(format!("{}.manifest", b.points[1].0));
+        std::fs::remove_file(&m).unwrap();
+        mkfifo(&m);
+        let (code, err) = restore_limited(&d, &args);
+        if verb[0] == "list" {
+            assert_eq!(code, 0, "{args:?}: {err}");
+        } else {
+            assert_eq!(code, 1, "{args:?}: {err}");
+            assert!(err.contains("FIFO"), "{args:?}: {err}");
+            assert!(!out.exists());
+        }
+    }
+}
+
+fn manifest_of(p: &Path) -> PathBuf {
+    PathBuf::from(format!("{}.manifest", p.display()))
+}
+
+#[test]
+fn damaged_manifest_and_odd_names_get_clear_messages() {
+    let b = backup_dir();
+    let d = copy_dir(&b, "damaged-manifest");
+    let m = d.join(format!("{}.manifest", b.points[2].0));
+    std::fs::write(
+        &m,
+        b"{\"format\": \"qmpbackup-manifest\", \"version\": 1, \"runs\": [[1, 2",
+    )
+    .unwrap();
+    let out = b._tmp.path().join("dm.qcow2");
+    for args in [
+        vec!["verify", "--dir", "."],
+        vec!["merge", "--dir", ".", "--targetfile", out.to_str().unwrap()],
+    ] {
+        let (c, _, e) = restore(&d, &args);
+        assert_eq!(c, 1, "{e}");
+        assert!(e.contains("damaged checksum manifest"), "{e}");
+        // Said once, not once per layer of error context.
+        assert_eq!(
+            e.matches(m.file_name().unwrap().to_str().unwrap()).count(),
+            1,
+            "{e}"
+        );
+        assert!(!out.exists());
+    }
+    // A non-UTF-8 name that looks like a backup is named as such.
+    let d = copy_dir(&b, "odd-name");
+    use std::os::unix::ffi::OsStrExt;
+    let odd = d.join(std::ffi::OsStr::from_bytes(b"INC-5000-disk\xff.qcow2"));
+    std::fs::write(&odd, b"x").unwrap();
+    let (c, _, e) = restore(&d, &["list", "--dir", "."]);
+    assert_eq!(c, 1, "{e}");
+    assert!(
+        e.contains("not valid UTF-8") && !e.contains("no timestamp"),
+        "{e}"
+    );
+    // A FULL that cannot be opened for writing (QEMU's write lock held on it; as root,
+    // permissions would not stop us): the path once in the error, not twice.
+    let d = copy_dir(&b, "locked-full");
+    let full = d.join(&b.points[0].0);
+    let mut holder = QemuIo::hold(&full);
+    let (c, _, e) = restore(&d, &["commit", "--force-share", "--dir", "."]);
+    holder.release();
+    assert_eq!(c, 1, "{e}");
+    let last = e
+        .lines()
+        .find(|l| l.starts_with("qmprestore:"))
+        .unwrap_or("");
+    assert_eq!(last.matches(&b.points[0].0).count(), 1, "{e}");
+    assert!(last.contains("in use by another process"), "{e}");
+}
+
+/// A qemu-io holding an image open for writing (with QEMU's locks) until released.
+struct QemuIo {
+    child: Option<std::process::Child>,
+}
+
+impl QemuIo {
+    fn hold(path: &Path) -> QemuIo {
+        let child = Command::new("qemu-io")
+            .args(["-f", "qcow2", path.to_str().unwrap()])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        // Wait until its write lock is there.
+        let start = std::time::Instant::now();
+        while !qcow2::lock::path_has_writer(path) {
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(10),
+                "qemu-io took no lock"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        QemuIo { child: Some(child) }
+    }
+
+    fn release(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            drop(c.stdin.take());
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for QemuIo {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+#[test]
+fn a_backup_file_being_written_is_refused() {
+    let b = backup_dir();
+    let d = copy_dir(&b, "in-use");
+    let inc = d.join(&b.points[2].0);
+    let before = digest(&d);
+    let out = b._tmp.path().join("in-use.qcow2");
+    let mut holder = QemuIo::hold(&inc);
+    for args in [
+        vec!["merge", "--dir", ".", "--targetfile", out.to_str().unwrap()],
+        vec!["commit", "--dir", "."],
+        vec!["verify", "--dir", "."],
+    ] {
+        let (c, _, e) = restore(&d, &args);
+        assert_eq!(c, 1, "{args:?}: {e}");
+        assert!(
+            e.contains(&b.points[2].0)
+                && e.contains("in use for writing")
+                && e.contains("--force-share"),
+            "{args:?}: {e}"
+        );
+        assert!(!out.exists());
+    }
+    assert_eq!(digest(&d), before);
+    // --force-share reads it anyway (here it is not really written), with a warning.
+    let (c, _, e) = restore(
+        &d,
+        &[
+            "merge",
+            "--force-share",
+            "--dir",
+            ".",
+            "--targetfile",
+            out.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(c, 0, "{e}");
+    assert!(e.contains("reading it anyway"), "{e}");
+    // The qcow2 inspection verbs read it, as qemu-img -U does, and warn.
+    let qcow2_bin = env!("CARGO_BIN_EXE_qmprestore").replace("qmprestore", "qcow2");
+    let o = Command::new(&qcow2_bin)
+        .args(["info", inc.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("in use for writing"));
+    holder.release();
+    same(&d, out.to_str().unwrap(), &b.points[3].1);
+}
+
+#[test]
+fn verify_streams_a_manifest_of_millions_of_runs() {
+    let b = backup_dir();
+    let d = copy_dir(&b, "many-runs");
+    // The FULL's first 3 MiB are one allocated range: describe it as 2^21 one-byte runs.
+    let full = d.join(&b.points[0].0);
+    let data = vec![0x11u8; 3 * MIB];
+    let n = 2usize << 20;
+    let mut json = String::with_capacity(n * 32);
+    json.push_str("{\"format\":\"qmpbackup-manifest\",\"version\":1,\"file\":\"x\",\"virtual-size\":8388608,\"run-size\":67108864,\"uuid\":\"uuid-1\",\"runs\":[");
+    for i in 0..n {
+        if i > 0 {
+            json.push(',');
+        }
+        let crc = crc32fast::hash(&data[i..i + 1]);
+        json.push_str(&format!("[{i},1,\"{crc:08x}\"]"));
+    }
+    // The rest as the real manifest has it.
+    let real = qmpbackup::manifest::load_manifest(&full).unwrap().unwrap();
+    for (s, l, c) in &real.runs {
+        let (mut s, mut l) = (*s, *l);
+        if s < n as u64 {
+            let cut = (n as u64 - s).min(l);
+            s += cut;
+            l -= cut;
+            if l == 0 {
+                continue;
+            }
+            // Recompute the CRC of the shortened run from the model.
+            let model = std::fs::read(b.root.join(&b.points[0].1)).unwrap();
+            let crc = crc32fast::hash(&model[s as usize..(s + l) as usize]);
+            json.push_str(&format!(",[{s},{l},\"{crc:08x}\"]"));
+            continue;
+        }
+        json.push_str(&format!(",[{s},{l},\"{c}\"]"));
+    }
+    json.push_str("]}");
+    std::fs::write(d.join(format!("{}.manifest", b.points[0].0)), &json).unwrap();
+    drop(json);
+    let mut child = restore_cmd(&d, &["verify", "--dir", ".", "--filter", "FULL-"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // The child's own high-water mark (VmHWM: since its exec), polled until it exits.
+    let status_file = format!("/proc/{}/status", child.id());
+    let mut peak_kib = 0u64;
+    let status = loop {
+        if let Ok(st) = std::fs::read_to_string(&status_file) {
+            if let Some(v) = st
+                .lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            {
+                peak_kib = peak_kib.max(v);
+            }
+        }
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    };
+    assert!(status.success(), "verify failed");
+    // Far below the ~70 MB of JSON and the runs it holds.
+    assert!(peak_kib < 48 * 1024, "peak RSS {peak_kib} KiB");
 }

@@ -90,6 +90,7 @@ impl CreateOptions {
     }
 
     fn validate(&self) -> Result<u32> {
+        check_image_size(self.size)?;
         let cs = self.cluster_size;
         if !cs.is_power_of_two() {
             return Err(Error::Request(format!(
@@ -127,7 +128,22 @@ impl CreateOptions {
     }
 }
 
-/// Parses sizes with qemu-img's suffixes: plain bytes, or K, M, G, T, P, E (binary).
+/// The largest image size qemu-img accepts (INT64_MAX); qcow2 images are further limited
+/// by their L1 table (checked when created).
+pub const MAX_IMAGE_SIZE: u64 = i64::MAX as u64;
+
+/// Refuses sizes qemu-img refuses, before any arithmetic on them.
+pub fn check_image_size(size: u64) -> Result<()> {
+    if size > MAX_IMAGE_SIZE {
+        return Err(Error::Request(format!(
+            "invalid image size {size}: must be between 0 and {MAX_IMAGE_SIZE}"
+        )));
+    }
+    Ok(())
+}
+
+/// Parses sizes with qemu-img's suffixes: plain bytes, or K, M, G, T, P, E (binary). A
+/// fraction needs a suffix ("1.5G"), as with qemu-img.
 pub fn parse_size(s: &str) -> Option<u64> {
     let s = s.trim();
     let (num, mult) = match s.char_indices().last()? {
@@ -149,8 +165,12 @@ pub fn parse_size(s: &str) -> Option<u64> {
     if let Ok(n) = num.parse::<u64>() {
         return n.checked_mul(mult);
     }
+    if mult == 1 || !num.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+        return None;
+    }
     let f: f64 = num.parse().ok()?;
-    (f >= 0.0).then_some((f * mult as f64) as u64)
+    let v = f * mult as f64;
+    (f.is_finite() && v < u64::MAX as f64).then_some(v as u64)
 }
 
 /// Creates a new qcow2 image at `path` (which must not exist) and returns it open for
@@ -256,5 +276,29 @@ mod tests {
         assert_eq!(parse_size("1.5G"), Some(3 << 29));
         assert_eq!(parse_size("100000"), Some(100000));
         assert_eq!(parse_size("x"), None);
+        // As qemu-img: no fraction without a suffix, no sign, nothing past u64.
+        for bad in [
+            "1.5",
+            "-1",
+            "1e3",
+            "inf",
+            "NaN",
+            "16E",
+            "99999999999999999999",
+        ] {
+            assert_eq!(parse_size(bad), None, "{bad}");
+        }
+        assert_eq!(
+            parse_size("15.99E"),
+            Some((15.99 * (1u64 << 60) as f64) as u64)
+        );
+        assert!(check_image_size(u64::MAX).is_err());
+        assert!(check_image_size(1 << 63).is_err());
+        assert!(check_image_size(i64::MAX as u64).is_ok());
+        let huge = CreateOptions {
+            size: u64::MAX,
+            ..Default::default()
+        };
+        assert!(huge.validate().is_err());
     }
 }

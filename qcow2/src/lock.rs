@@ -56,3 +56,23 @@ pub fn lock_for_write(file: &File, path: &str) -> Result<()> {
     }
     Ok(())
 }
+
+/// Whether another open file description holds QEMU's "I use write permission" lock on
+/// the image: a running QEMU (or qemu-img, qemu-io, qemu-nbd) writing it. Filesystems
+/// without OFD locks answer false.
+pub fn writer_present(file: &File) -> bool {
+    // SAFETY: zeroed flock is a valid value; F_OFD_GETLK fills it in.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = libc::F_WRLCK as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    fl.l_start = (USE_BASE + PERM_WRITE) as libc::off_t;
+    fl.l_len = 1;
+    let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_GETLK, &mut fl) };
+    rc == 0 && fl.l_type != libc::F_UNLCK as libc::c_short
+}
+
+/// [`writer_present`] for a path (opened read-only, without blocking on a FIFO); false
+/// when it cannot be opened.
+pub fn path_has_writer(path: &std::path::Path) -> bool {
+    crate::storage::FileStorage::open(path, false).is_ok_and(|s| writer_present(s.file()))
+}

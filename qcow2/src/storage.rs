@@ -88,17 +88,57 @@ pub struct FileStorage {
 }
 
 impl FileStorage {
+    /// Opens an image file. A FIFO, socket or character device is refused without blocking
+    /// on it (opened `O_NONBLOCK`, its type checked on the descriptor); regular files and
+    /// block devices are images.
     pub fn open(path: &Path, writable: bool) -> io::Result<Self> {
-        let file = OpenOptions::new().read(true).write(writable).open(path)?;
+        use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+        use std::os::unix::io::AsRawFd;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(writable)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)?;
+        let t = file.metadata()?.file_type();
+        if !(t.is_file() || t.is_block_device()) {
+            let kind = if t.is_dir() {
+                "a directory"
+            } else if t.is_fifo() {
+                "a FIFO"
+            } else if t.is_socket() {
+                "a socket"
+            } else if t.is_char_device() {
+                "a character device"
+            } else {
+                "a special file"
+            };
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{kind}, not an image file"),
+            ));
+        }
+        // Blocking I/O from here on (a block device honours O_NONBLOCK for nothing we do,
+        // but be plain about it).
+        // SAFETY: fcntl on a descriptor we own, with integer arguments.
+        unsafe {
+            let fl = libc::fcntl(file.as_raw_fd(), libc::F_GETFL);
+            if fl >= 0 {
+                libc::fcntl(file.as_raw_fd(), libc::F_SETFL, fl & !libc::O_NONBLOCK);
+            }
+        }
         Ok(FileStorage { file, writable })
     }
 
-    /// Creates a new file; fails if it exists.
+    /// Creates a new file; fails if anything exists at the path (a symlink included: it is
+    /// never followed).
     pub fn create_new(path: &Path) -> io::Result<Self> {
+        use std::os::unix::fs::OpenOptionsExt;
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create_new(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .mode(0o666)
             .open(path)?;
         Ok(FileStorage {
             file,

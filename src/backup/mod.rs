@@ -6,6 +6,7 @@ pub mod discover;
 pub mod layout;
 pub mod run;
 
+use crate::fsutil::{self, Dir};
 use crate::manifest;
 use crate::qmp::types::{StatusInfo, VersionInfo};
 use crate::qmp::Qmp;
@@ -13,8 +14,9 @@ use crate::report;
 use crate::restore::discover::Level;
 use anyhow::{anyhow, bail, Context, Result};
 use discover::Disk;
-use layout::{ensure_dir, Layout, LayoutOptions};
-use qcow2::create::{create_qcow2, CreateOptions};
+use layout::{Layout, LayoutOptions};
+use qcow2::create::{init_qcow2, CreateOptions};
+use qcow2::storage::FileStorage;
 use run::{AbortFlag, AgentRef, Planned, RunOptions};
 use serde::Serialize;
 use serde_json::json;
@@ -46,6 +48,8 @@ pub struct BackupOptions {
     pub aio: String,
     pub fleece_dir: Option<PathBuf>,
     pub json: bool,
+    pub stall_timeout: std::time::Duration,
+    pub cancel_timeout: std::time::Duration,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -161,8 +165,10 @@ pub async fn backup(
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default()
         .as_secs();
-    let layout = Layout::new(opts.layout.clone(), timestamp);
-    ensure_dir(&layout.root)?;
+    if let Some(u) = &opts.uuid {
+        layout::check_uuid(u).context("--uuid")?;
+    }
+    let layout = Layout::open(opts.layout.clone(), timestamp)?;
     let old_uuid = layout.read_uuid()?;
 
     // Levels and the chain's uuid.
@@ -171,7 +177,7 @@ pub async fn backup(
         (LevelArg::Full, _, None) => new_uuid(),
         (LevelArg::Inc, None, _) => bail!(
             "no full backup in {}: run a full backup first (qmpbackup backup --level full)",
-            layout.root.display()
+            layout.root().display()
         ),
         (_, Some(u), _) => u.clone(),
         (_, None, Some(u)) => u.clone(),
@@ -179,6 +185,8 @@ pub async fn backup(
     };
     let bitmap = format!("qmpbackup-{uuid}");
     let mut planned = Vec::new();
+    // Per planned disk: its backup directory and the fleece image's, opened.
+    let mut dirs: Vec<(Dir, Option<Dir>)> = Vec::new();
     for (i, d) in disks.into_iter().enumerate() {
         for m in layout.move_aside_partials(&d.name)? {
             report::warn(format!(
@@ -247,78 +255,95 @@ pub async fn backup(
             ));
         }
         p.fleecing = fleecing_ok && p.disk.qdev.is_some() && !p.disk.pflash;
-        p.dir = layout.disk_dir(&p.disk.name);
-        ensure_dir(&p.dir)?;
+        let dir = layout.open_disk_dir(&p.disk.name, true)?;
+        p.dir = dir.path().to_path_buf();
         let name = layout.file_name(level, &p.disk.name);
-        p.final_path = p.dir.join(&name);
-        p.partial_path = p.dir.join(format!("{name}.partial"));
-        if p.final_path.exists() {
+        p.final_path = dir.join(&name);
+        p.partial_path = dir.join(&format!("{name}.partial"));
+        if dir.exists(&name)? {
             bail!(
                 "{}: exists already (--no-timestamp?); not overwriting a backup",
                 p.final_path.display()
             );
         }
+        let mut fleece_dir = None;
         if p.fleecing {
-            let fdir = opts.fleece_dir.clone().unwrap_or_else(|| p.dir.clone());
-            ensure_dir(&fdir)?;
-            p.fleece_path = Some(fdir.join(format!(".{}.fleece-{timestamp}.qcow2", p.disk.name)));
+            let fdir = match &opts.fleece_dir {
+                Some(f) => Dir::create_all(f).with_context(|| {
+                    format!("{}: cannot create the fleece directory", f.display())
+                })?,
+                None => layout.open_disk_dir(&p.disk.name, false)?,
+            };
+            p.fleece_path = Some(fdir.join(&fleece_name(&p.disk.name, timestamp)));
+            fleece_dir = Some(fdir);
         }
         planned.push(p);
+        dirs.push((dir, fleece_dir));
     }
 
     // Target and fleece images, created natively: qcow2 v3 always (a zeroed range must be
-    // recordable), the source's cluster size and lazy-refcount setting.
-    let mut created: Vec<PathBuf> = Vec::new();
-    let result = async {
-        for p in &planned {
+    // recordable), the source's cluster size and lazy-refcount setting. Created with
+    // O_EXCL|O_NOFOLLOW in the opened directories; QEMU then opens them by path, and the run
+    // checks that the path still names the file created here.
+    let result: Result<()> = (|| {
+        for (p, (dir, fdir)) in planned.iter_mut().zip(&dirs) {
             let copts = CreateOptions {
                 size: p.disk.virtual_size,
                 cluster_size: p.disk.cluster_size.unwrap_or(65536),
                 lazy_refcounts: p.disk.lazy_refcounts,
                 ..Default::default()
             };
-            for path in std::iter::once(&p.partial_path).chain(p.fleece_path.iter()) {
-                let mut img = create_qcow2(path, &copts).with_context(|| {
-                    format!("{}: cannot create the target image", path.display())
-                })?;
-                img.flush()?;
-                created.push(path.clone());
+            p.target_identity = Some(create_image(dir, &p.partial_path, &copts)?);
+            if let (Some(fdir), Some(f)) = (fdir, &p.fleece_path) {
+                p.fleece_identity = Some(create_image(fdir, f, &copts)?);
             }
         }
-        let run_opts = RunOptions {
-            bitmap: bitmap.clone(),
-            speed: opts.speed_limit,
-            compress: opts.compress,
-            cbw_timeout: opts.cbw_timeout,
-            pause: opts.pause,
-            remove_delay: opts.remove_delay,
-            disable_cache: opts.disable_cache,
-            aio: opts.aio.clone(),
-            progress_interval: opts.progress_interval,
-            json: opts.json,
-        };
-        for p in &planned {
-            report::info(format!(
-                "{}: {} backup to {}",
-                p.disk.label(),
-                p.level.prefix(),
-                p.final_path.display()
-            ));
+        Ok(())
+    })();
+    let (result, leftovers) = match result {
+        Err(e) => (Err(e), Vec::new()),
+        Ok(()) => {
+            let run_opts = RunOptions {
+                bitmap: bitmap.clone(),
+                speed: opts.speed_limit,
+                compress: opts.compress,
+                cbw_timeout: opts.cbw_timeout,
+                pause: opts.pause,
+                remove_delay: opts.remove_delay,
+                disable_cache: opts.disable_cache,
+                aio: opts.aio.clone(),
+                progress_interval: opts.progress_interval,
+                json: opts.json,
+                stall_timeout: opts.stall_timeout,
+                cancel_timeout: opts.cancel_timeout,
+            };
+            for p in &planned {
+                report::info(format!(
+                    "{}: {} backup to {}",
+                    p.disk.label(),
+                    p.level.prefix(),
+                    p.final_path.display()
+                ));
+            }
+            run::run(qmp, &planned, &run_opts, abort, agent).await
         }
-        run::run(qmp, &planned, &run_opts, abort, agent).await
-    }
-    .await;
-    for p in &planned {
-        if let Some(f) = &p.fleece_path {
-            let _ = std::fs::remove_file(f);
+    };
+    let mut kept_files = Vec::new();
+    for (p, (_, fdir)) in planned.iter().zip(&dirs) {
+        if let (Some(fdir), Some(f)) = (fdir, &p.fleece_path) {
+            if fdir.remove(&file_name_of(f)).is_err() {
+                kept_files.push(f.display().to_string());
+            }
         }
     }
+    let ran_ok = matches!(&result, Ok(r) if r.iter().all(|j| j.ok));
+    if !ran_ok {
+        kept_files.extend(remove_partials(&planned, &dirs));
+    }
+    let tail = failure_tail(&leftovers, &kept_files);
     let results = match result {
         Ok(r) => r,
-        Err(e) => {
-            remove_partials(&planned);
-            return Err(e.context("backup failed; no file of this run was kept, and the next backup will hold every change"));
-        }
+        Err(e) => return Err(e.context(format!("backup failed; {tail}"))),
     };
     let failed: Vec<String> = planned
         .iter()
@@ -333,11 +358,7 @@ pub async fn backup(
         })
         .collect();
     if !failed.is_empty() {
-        remove_partials(&planned);
-        bail!(
-            "backup failed ({}); no file of this run was kept, and the next backup will hold every change",
-            failed.join("; ")
-        );
+        bail!("backup failed ({}); {tail}", failed.join("; "));
     }
 
     // Publish: rename, read back natively into a manifest, config, uuid.
@@ -346,16 +367,17 @@ pub async fn backup(
         timestamp,
         disks: Vec::new(),
     };
-    for (p, r) in planned.iter().zip(&results) {
-        std::fs::rename(&p.partial_path, &p.final_path)
+    for ((p, r), (dir, _)) in planned.iter().zip(&results).zip(&dirs) {
+        let name = file_name_of(&p.final_path);
+        dir.rename_noreplace(&file_name_of(&p.partial_path), &name)
             .with_context(|| format!("{}: cannot rename into place", p.partial_path.display()))?;
-        manifest::write_manifest(&p.final_path, Some(&uuid)).with_context(|| {
+        manifest::write_manifest_in(dir, &name, Some(&uuid)).with_context(|| {
             format!(
                 "{}: the new backup cannot be read back",
                 p.final_path.display()
             )
         })?;
-        write_config(p);
+        write_config(p, dir);
         summary.disks.push(DiskSummary {
             disk: p.disk.label(),
             level: p.level,
@@ -393,20 +415,80 @@ pub async fn backup(
     Ok(summary)
 }
 
-fn remove_partials(planned: &[Planned]) {
-    for p in planned {
-        let _ = std::fs::remove_file(&p.partial_path);
+/// Removes the run's target files; returns those that could not be removed.
+fn remove_partials(planned: &[Planned], dirs: &[(Dir, Option<Dir>)]) -> Vec<String> {
+    let mut kept = Vec::new();
+    for (p, (dir, _)) in planned.iter().zip(dirs) {
+        if dir.remove(&file_name_of(&p.partial_path)).is_err() {
+            kept.push(p.partial_path.display().to_string());
+        }
     }
+    kept
+}
+
+/// The end of a failed run's message: what it left, in QEMU and on disk, and what to do.
+fn failure_tail(in_qemu: &[String], on_disk: &[String]) -> String {
+    let mut s = if on_disk.is_empty() {
+        "no file of this run was kept".to_string()
+    } else {
+        format!(
+            "files left on disk: {} (the next backup moves a .partial aside; remove them when QEMU is done with them)",
+            on_disk.join(", ")
+        )
+    };
+    if in_qemu.is_empty() {
+        s.push_str(", and the next backup will hold every change");
+    } else {
+        s.push_str(&format!(
+            "; left in QEMU: {}. `qmpbackup cleanup` removes them (the next backup does so too) and the next backup will hold every change",
+            in_qemu.join("; ")
+        ));
+    }
+    s
+}
+
+/// The last component of a path we built from a directory and a name.
+fn file_name_of(path: &std::path::Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// The fleece image's name in the fleece directory.
+fn fleece_name(disk_name: &str, timestamp: u64) -> String {
+    format!(".{disk_name}.fleece-{timestamp}.qcow2")
+}
+
+/// Creates a new empty qcow2 image at `path` in `dir` (nothing may exist there, not even a
+/// symlink) and returns the identity of the file created.
+fn create_image(dir: &Dir, path: &std::path::Path, opts: &CreateOptions) -> Result<(u64, u64)> {
+    let what = || format!("{}: cannot create the target image", path.display());
+    let file = dir.create_new(&file_name_of(path)).with_context(what)?;
+    let identity = fsutil::identity(&file).with_context(what)?;
+    let display = path.display().to_string();
+    let made = init_qcow2(
+        std::sync::Arc::new(FileStorage::from_file(file, true)),
+        &display,
+        Some(dir.path()),
+        opts,
+    )
+    .and_then(|mut img| img.flush());
+    if let Err(e) = made {
+        let _ = dir.remove(&file_name_of(path));
+        return Err(anyhow::Error::new(e).context(what()));
+    }
+    Ok(identity)
 }
 
 /// `<name>.config`: the source image's info as `qemu-img info --output json` shows it.
-fn write_config(p: &Planned) {
-    let path = p.dir.join(format!("{}.config", p.disk.name));
+fn write_config(p: &Planned, dir: &Dir) {
+    let name = format!("{}.config", p.disk.name);
+    let path = dir.join(&name);
     let res = (|| -> Result<()> {
         let chain =
             qcow2::Chain::open(std::path::Path::new(&p.disk.filename), &Default::default())?;
         let info = qcow2::ops::info::layer_info(&chain, 0)?;
-        std::fs::write(&path, serde_json::to_vec_pretty(&info)?)?;
+        dir.write_atomic(&name, &serde_json::to_vec_pretty(&info)?)?;
         Ok(())
     })();
     if let Err(e) = res {
@@ -433,6 +515,12 @@ impl Summary {
         }
         s
     }
+}
+
+/// `cleanup`: removes what an interrupted run left in QEMU (jobs, nodes; frozen bitmaps
+/// are merged back into their chain's bitmap).
+pub async fn repair(qmp: &Qmp) -> Result<Vec<String>> {
+    run::repair_leftovers(qmp).await
 }
 
 /// `cleanup --remove-bitmap`: removes our bitmaps (all, or one chain's) from every disk.

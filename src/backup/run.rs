@@ -24,7 +24,7 @@ use anyhow::{anyhow, bail, Result};
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -41,6 +41,10 @@ pub struct Planned {
     pub final_path: PathBuf,
     pub partial_path: PathBuf,
     pub fleece_path: Option<PathBuf>,
+    /// (device, inode) of the target and fleece files we created, to check that QEMU
+    /// opened those very files by their paths.
+    pub target_identity: Option<(u64, u64)>,
+    pub fleece_identity: Option<(u64, u64)>,
     pub tgt: String,
     pub flc: String,
     pub cbw: String,
@@ -61,6 +65,8 @@ impl Planned {
             final_path: PathBuf::new(),
             partial_path: PathBuf::new(),
             fleece_path: None,
+            target_identity: None,
+            fleece_identity: None,
             tgt: format!("{n}-tgt"),
             flc: format!("{n}-flc"),
             cbw: format!("{n}-cbw"),
@@ -82,6 +88,11 @@ pub struct RunOptions {
     pub aio: String,
     pub progress_interval: u64,
     pub json: bool,
+    /// A job whose progress has not moved for this long is cancelled and the run fails.
+    pub stall_timeout: Duration,
+    /// How long QEMU gets to cancel the jobs and let the run undo its changes, after a
+    /// signal or a stall; then the run leaves, saying what it left.
+    pub cancel_timeout: Duration,
 }
 
 impl RunOptions {
@@ -109,8 +120,51 @@ pub struct JobResult {
     pub seconds: f64,
 }
 
-/// Set by the signal handler: stop as soon as possible, undoing everything.
-pub type AbortFlag = Arc<AtomicBool>;
+/// Why and by when a run must stop: set by the signal handler (and by a stalled job). The
+/// first signal asks the run to cancel its jobs and undo its changes within the cancel
+/// timeout; a second one makes it leave at once. The deadline is followed by the QMP
+/// client, so no call or wait outlasts it.
+pub struct Abort {
+    signals: AtomicU32,
+    deadline: tokio::sync::watch::Sender<Option<tokio::time::Instant>>,
+}
+
+pub type AbortFlag = Arc<Abort>;
+
+impl Abort {
+    pub fn new() -> AbortFlag {
+        Arc::new(Abort {
+            signals: AtomicU32::new(0),
+            deadline: tokio::sync::watch::channel(None).0,
+        })
+    }
+
+    /// A signal arrived: the first gives the run `grace` to clean up, the next ends every
+    /// wait now. Returns how many signals have arrived.
+    pub fn signal(&self, grace: Duration) -> u32 {
+        let n = self.signals.fetch_add(1, Ordering::SeqCst) + 1;
+        self.limit(if n == 1 { grace } else { Duration::ZERO });
+        n
+    }
+
+    /// Whether a signal asked the run to stop.
+    pub fn requested(&self) -> bool {
+        self.signals.load(Ordering::SeqCst) > 0
+    }
+
+    /// Ends every wait for QEMU within `grace` from now (or earlier, if already set so).
+    pub fn limit(&self, grace: Duration) {
+        let at = tokio::time::Instant::now() + grace;
+        self.deadline.send_modify(|d| {
+            *d = Some(d.map_or(at, |old| old.min(at)));
+        });
+    }
+
+    /// What the QMP client follows (see [`crate::qmp::Qmp::follow_deadline`]).
+    pub fn deadline(&self) -> tokio::sync::watch::Receiver<Option<tokio::time::Instant>> {
+        self.deadline.subscribe()
+    }
+}
 
 fn node_args(p: &Planned, opts: &RunOptions, file: &std::path::Path, target: bool) -> Value {
     let mut file_opts =
@@ -132,8 +186,24 @@ fn node_args(p: &Planned, opts: &RunOptions, file: &std::path::Path, target: boo
 }
 
 async fn check_abort(abort: &AbortFlag) -> Result<()> {
-    if abort.load(Ordering::SeqCst) {
+    if abort.requested() {
         bail!("interrupted");
+    }
+    Ok(())
+}
+
+/// After QEMU opened a file we created by its path: the path must still name that file,
+/// else someone replaced it in between and QEMU writes elsewhere.
+fn check_opened(path: &std::path::Path, identity: Option<(u64, u64)>) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let Some(id) = identity else { return Ok(()) };
+    let ok = std::fs::symlink_metadata(path)
+        .is_ok_and(|m| m.file_type().is_file() && (m.dev(), m.ino()) == id);
+    if !ok {
+        bail!(
+            "{}: no longer the file qmpbackup created (replaced while QEMU opened it?); aborting, nothing of this run is kept",
+            path.display()
+        );
     }
     Ok(())
 }
@@ -141,16 +211,20 @@ async fn check_abort(abort: &AbortFlag) -> Result<()> {
 /// The guest agent, when the run quiesces the guest.
 pub type AgentRef<'a> = Option<&'a tokio::sync::Mutex<Agent>>;
 
+/// What a run left in QEMU because QEMU did not let it undo everything in time (empty
+/// when everything was undone).
+pub type Leftovers = Vec<String>;
+
 /// Runs the backup of `disks`. With an agent, the guest's filesystems are frozen just before
 /// the bitmap cut and thawed right after the jobs start — and on every error path. Returns
-/// per-disk results; teardown has run.
+/// per-disk results, and what could not be undone in QEMU; teardown has run.
 pub async fn run(
     qmp: &Qmp,
     disks: &[Planned],
     opts: &RunOptions,
     abort: &AbortFlag,
     agent: AgentRef<'_>,
-) -> Result<Vec<JobResult>> {
+) -> (Result<Vec<JobResult>>, Leftovers) {
     let mut undo = Undo::default();
     let mut frozen_guest = false;
     let started = run_setup(qmp, disks, opts, abort, &mut undo, &mut frozen_guest, agent).await;
@@ -173,8 +247,12 @@ pub async fn run(
         Err(e) => Err(e),
     };
     let ok = matches!(&results, Ok(r) if r.iter().all(|j| j.ok));
-    teardown(qmp, disks, opts, &mut undo, ok).await;
-    results
+    if !ok {
+        // However the run failed, undoing it must not wait on QEMU forever.
+        abort.limit(opts.cancel_timeout);
+    }
+    let left = teardown(qmp, opts, &mut undo, ok).await;
+    (results, left)
 }
 
 async fn run_setup(
@@ -199,11 +277,13 @@ async fn run_setup(
                 )
             })?;
         undo.added_nodes.push(p.tgt.clone());
+        check_opened(&p.partial_path, p.target_identity)?;
         if let (true, Some(f)) = (p.fleecing, &p.fleece_path) {
             qmp.execute("blockdev-add", node_args(p, opts, f, false))
                 .await
                 .map_err(|e| anyhow!("attaching fleece image {}: {}", f.display(), e.desc()))?;
             undo.added_nodes.push(p.flc.clone());
+            check_opened(f, p.fleece_identity)?;
         }
     }
     // A new FULL over a chain that cannot continue: its bitmap (inconsistent, or with no
@@ -376,6 +456,34 @@ impl Progress {
     }
 }
 
+/// Per job: its last reported progress and when it last moved.
+struct Watch {
+    progress: u64,
+    moved: Instant,
+}
+
+/// Marks every job without a result as failed with `why`.
+fn fail_remaining(results: &mut HashMap<String, JobResult>, disks: &[Planned], why: &str) {
+    for p in disks {
+        results.entry(p.job.clone()).or_insert(JobResult {
+            ok: false,
+            error: Some(why.to_string()),
+            ..Default::default()
+        });
+    }
+}
+
+async fn cancel_jobs(qmp: &Qmp, jobs: &[String]) {
+    for j in jobs {
+        let _ = qmp
+            .execute("block-job-cancel", json!({"device": j, "force": true}))
+            .await;
+    }
+}
+
+/// Waits for every job to end, with progress. A signal cancels the jobs; so does a job
+/// whose progress has not moved for the stall timeout. Either way, once the cancel timeout
+/// has passed the wait ends with the jobs still unconfirmed (they stay in `undo.jobs`).
 async fn wait_jobs(
     qmp: &Qmp,
     disks: &[Planned],
@@ -386,33 +494,81 @@ async fn wait_jobs(
     let start = Instant::now();
     let mut results: HashMap<String, JobResult> = HashMap::new();
     let mut progress = Progress::new(disks, opts.json);
-    let mut cancelled = false;
+    let mut cancelled: Option<String> = None;
     let interval = Duration::from_secs(opts.progress_interval.max(1));
+    let mut watch: HashMap<String, Watch> = disks
+        .iter()
+        .map(|p| {
+            (
+                p.job.clone(),
+                Watch {
+                    progress: 0,
+                    moved: Instant::now(),
+                },
+            )
+        })
+        .collect();
+    let mut last_poll = Instant::now();
     while results.len() < disks.len() {
         if !qmp.is_connected() {
-            for p in disks {
-                results.entry(p.job.clone()).or_insert(JobResult {
-                    ok: false,
-                    error: Some("QEMU went away during the backup".into()),
-                    ..Default::default()
-                });
-            }
+            let why = match qmp.failure() {
+                Some(f) => format!("QEMU's QMP connection broke: {f}"),
+                None => "QEMU went away during the backup".to_string(),
+            };
+            fail_remaining(&mut results, disks, &why);
             break;
         }
-        if abort.load(Ordering::SeqCst) && !cancelled {
-            report::info("interrupted: cancelling the backup jobs");
-            for j in &undo.jobs {
-                let _ = qmp
-                    .execute("block-job-cancel", json!({"device": j, "force": true}))
-                    .await;
+        if cancelled.is_none() {
+            let stalled = watch.iter().find(|(job, w)| {
+                !results.contains_key(*job) && w.moved.elapsed() >= opts.stall_timeout
+            });
+            if abort.requested() {
+                report::info("interrupted: cancelling the backup jobs");
+                cancelled = Some("cancelled".into());
+            } else if let Some((job, _)) = stalled {
+                let label = disks
+                    .iter()
+                    .find(|p| &p.job == job)
+                    .map_or(job.clone(), |p| p.disk.label());
+                let why = format!(
+                    "{label}: no progress for {} s (--stall-timeout): the backup was cancelled",
+                    opts.stall_timeout.as_secs()
+                );
+                report::warn(&why);
+                cancelled = Some(why);
             }
-            cancelled = true;
+            if cancelled.is_some() {
+                abort.limit(opts.cancel_timeout);
+                let pending: Vec<String> = undo
+                    .jobs
+                    .iter()
+                    .filter(|j| !results.contains_key(*j))
+                    .cloned()
+                    .collect();
+                cancel_jobs(qmp, &pending).await;
+            }
+        }
+        if qmp.past_deadline() {
+            let why = format!(
+                "{}; QEMU did not confirm the cancel within {} s",
+                cancelled.as_deref().unwrap_or("interrupted"),
+                opts.cancel_timeout.as_secs()
+            );
+            fail_remaining(&mut results, disks, &why);
+            // The jobs without an end stay in `undo.jobs` for teardown to report.
+            undo.jobs.retain(|j| {
+                results
+                    .get(j)
+                    .is_some_and(|r| r.error.as_deref() == Some(&why))
+            });
+            return Ok(finish(disks, results, &progress));
         }
         if let Some(ev) = qmp.next_event(Duration::from_millis(250)).await {
             let dev = ev.data["device"].as_str().unwrap_or("").to_string();
             if !disks.iter().any(|p| p.job == dev) {
                 continue;
             }
+            let bytes = ev.data["offset"].as_u64().unwrap_or(0);
             match ev.name.as_str() {
                 "BLOCK_JOB_COMPLETED" => {
                     let err = ev
@@ -423,9 +579,9 @@ async fn wait_jobs(
                     results.insert(
                         dev.clone(),
                         JobResult {
-                            ok: err.is_none(),
-                            error: err,
-                            bytes: ev.data["offset"].as_u64().unwrap_or(0),
+                            ok: err.is_none() && cancelled.is_none(),
+                            error: err.or_else(|| cancelled.clone()),
+                            bytes,
                             seconds: start.elapsed().as_secs_f64(),
                         },
                     );
@@ -435,8 +591,8 @@ async fn wait_jobs(
                         dev.clone(),
                         JobResult {
                             ok: false,
-                            error: Some("cancelled".into()),
-                            bytes: ev.data["offset"].as_u64().unwrap_or(0),
+                            error: Some(cancelled.clone().unwrap_or_else(|| "cancelled".into())),
+                            bytes,
                             seconds: start.elapsed().as_secs_f64(),
                         },
                     );
@@ -449,7 +605,10 @@ async fn wait_jobs(
             }
         }
         let due = progress.last_log.elapsed() >= interval;
-        if progress.bars.is_some() || due || opts.json {
+        // Polled at least every second: the stall timeout needs to see progress.
+        let poll = last_poll.elapsed() >= Duration::from_secs(1);
+        if progress.bars.is_some() || due || opts.json || poll {
+            last_poll = Instant::now();
             if let Ok(jobs) = qmp.execute("query-jobs", json!({})).await {
                 for j in jobs.as_array().cloned().unwrap_or_default() {
                     let id = j["id"].as_str().unwrap_or("");
@@ -460,6 +619,12 @@ async fn wait_jobs(
                         j["current-progress"].as_u64().unwrap_or(0),
                         j["total-progress"].as_u64().unwrap_or(0),
                     );
+                    if let Some(w) = watch.get_mut(id) {
+                        if cur != w.progress {
+                            w.progress = cur;
+                            w.moved = Instant::now();
+                        }
+                    }
                     if let Some((_, bars)) = &progress.bars {
                         bars[i].set_length(total.max(1));
                         bars[i].set_position(cur);
@@ -486,6 +651,16 @@ async fn wait_jobs(
             }
         }
     }
+    undo.jobs.clear();
+    Ok(finish(disks, results, &progress))
+}
+
+/// The results in disk order; the progress bars finished or abandoned.
+fn finish(
+    disks: &[Planned],
+    mut results: HashMap<String, JobResult>,
+    progress: &Progress,
+) -> Vec<JobResult> {
     if let Some((_, bars)) = &progress.bars {
         for (i, b) in bars.iter().enumerate() {
             if results.get(&disks[i].job).is_some_and(|r| r.ok) {
@@ -495,11 +670,10 @@ async fn wait_jobs(
             }
         }
     }
-    undo.jobs.clear();
-    Ok(disks
+    disks
         .iter()
         .map(|p| results.remove(&p.job).unwrap_or_default())
-        .collect())
+        .collect()
 }
 
 /// Current device → node mapping (to never `qom-set` a device onto its current node).
@@ -514,32 +688,43 @@ async fn device_nodes(qmp: &Qmp) -> HashMap<String, String> {
         .collect()
 }
 
-/// Undoes everything this run added, whatever state it got to. On failure the frozen
-/// bitmap goes back into the live one, so the next INC still holds every change.
-async fn teardown(qmp: &Qmp, disks: &[Planned], opts: &RunOptions, undo: &mut Undo, ok: bool) {
-    if !qmp.is_connected() {
-        return;
+/// Waits (bounded) until QEMU no longer lists the job; false when it still does.
+async fn job_gone(qmp: &Qmp, job: &str) -> bool {
+    for _ in 0..100 {
+        let Ok(jobs) = qmp.execute("query-jobs", json!({})).await else {
+            return false;
+        };
+        if !jobs
+            .as_array()
+            .is_some_and(|a| a.iter().any(|x| x["id"] == job))
+        {
+            return true;
+        }
+        if qmp.past_deadline() {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    if opts.remove_delay > 0 {
+    false
+}
+
+/// Undoes everything this run added, whatever state it got to. On failure the frozen
+/// bitmap goes back into the live one, so the next INC still holds every change. Every
+/// call is bounded by the run's deadline; what could not be undone is returned.
+async fn teardown(qmp: &Qmp, opts: &RunOptions, undo: &mut Undo, ok: bool) -> Leftovers {
+    let mut left = Leftovers::new();
+    if !qmp.is_connected() {
+        return left;
+    }
+    if opts.remove_delay > 0 && !qmp.past_deadline() {
         tokio::time::sleep(Duration::from_secs(opts.remove_delay)).await;
     }
     for j in std::mem::take(&mut undo.jobs) {
         let _ = qmp
             .execute("block-job-cancel", json!({"device": j, "force": true}))
             .await;
-        // Wait for the job to go away.
-        for _ in 0..100 {
-            let jobs = qmp
-                .execute("query-jobs", json!({}))
-                .await
-                .unwrap_or(Value::Null);
-            if !jobs
-                .as_array()
-                .is_some_and(|a| a.iter().any(|x| x["id"] == j.as_str()))
-            {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+        if !job_gone(qmp, &j).await {
+            left.push(format!("block job {j} (cancel not confirmed)"));
         }
     }
     // Snapshot nodes first, then the devices go back to their own nodes.
@@ -550,25 +735,35 @@ async fn teardown(qmp: &Qmp, disks: &[Planned], opts: &RunOptions, undo: &mut Un
         .cloned()
         .collect();
     for n in &snaps {
-        del_node(qmp, n).await;
+        if !del_node(qmp, n).await {
+            left.push(format!("node {n}"));
+        }
     }
     let current = device_nodes(qmp).await;
     for (qdev, orig, cbw) in std::mem::take(&mut undo.switched) {
-        if current.get(&qdev).map(String::as_str) == Some(cbw.as_str()) {
-            if let Err(e) = qmp
-                .execute(
-                    "qom-set",
-                    json!({"path": qdev, "property": "drive", "value": orig}),
-                )
-                .await
-            {
+        if current.get(&qdev).map(String::as_str) != Some(cbw.as_str())
+            && current.contains_key(&qdev)
+        {
+            continue;
+        }
+        if let Err(e) = qmp
+            .execute(
+                "qom-set",
+                json!({"path": qdev, "property": "drive", "value": orig}),
+            )
+            .await
+        {
+            if !qmp.past_deadline() {
                 report::warn(format!("could not switch {qdev} back to {orig}: {e}"));
             }
+            left.push(format!(
+                "device {qdev} still on filter {cbw} (its own node is {orig})"
+            ));
         }
     }
     for n in undo.added_nodes.iter().rev() {
-        if !n.ends_with("-snap") {
-            del_node(qmp, n).await;
+        if !n.ends_with("-snap") && !del_node(qmp, n).await {
+            left.push(format!("node {n}"));
         }
     }
     undo.added_nodes.clear();
@@ -582,49 +777,75 @@ async fn teardown(qmp: &Qmp, disks: &[Planned], opts: &RunOptions, undo: &mut Un
                 )
                 .await
             {
-                report::warn(format!(
-                    "could not return the changes to bitmap {} on {node}: {e}; run a full backup next",
-                    opts.bitmap
+                if !qmp.past_deadline() {
+                    report::warn(format!(
+                        "could not return the changes to bitmap {} on {node} yet: {e}",
+                        opts.bitmap
+                    ));
+                }
+                left.push(format!(
+                    "bitmap {frozen} on node {node} (holds changes the next backup needs: `qmpbackup cleanup` merges them back)"
                 ));
+                continue;
             }
         }
-        let _ = qmp
+        if qmp
             .execute(
                 "block-dirty-bitmap-remove",
                 json!({"node": node, "name": frozen}),
             )
-            .await;
+            .await
+            .is_err()
+            && ok
+        {
+            left.push(format!("bitmap {frozen} on node {node}"));
+        }
     }
     let new_bitmaps = std::mem::take(&mut undo.new_bitmaps);
     if !ok {
         // A failed FULL: its bitmap would let an INC build on a backup that does not exist.
         for node in new_bitmaps {
-            let _ = qmp
+            if qmp
                 .execute(
                     "block-dirty-bitmap-remove",
                     json!({"node": node, "name": opts.bitmap}),
                 )
-                .await;
+                .await
+                .is_err()
+            {
+                left.push(format!(
+                    "bitmap {} on node {node} (of the full backup that failed: `qmpbackup cleanup --remove-bitmap --uuid {}` removes it)",
+                    opts.bitmap,
+                    opts.bitmap.trim_start_matches("qmpbackup-")
+                ));
+            }
         }
     }
-    let _ = disks;
+    left
 }
 
-async fn del_node(qmp: &Qmp, node: &str) {
+/// Deletes a node, retrying while it is still in use; false when it is still there.
+async fn del_node(qmp: &Qmp, node: &str) -> bool {
     for attempt in 0..50 {
         match qmp
             .execute("blockdev-del", json!({"node-name": node}))
             .await
         {
-            Ok(_) => return,
-            Err(QmpError::Command { desc, .. }) if desc.contains("Failed to find node") => return,
-            Err(e) if attempt == 49 => {
-                report::warn(format!("could not remove node {node}: {e}"));
-                return;
+            Ok(_) => return true,
+            Err(QmpError::Command { desc, .. }) if desc.contains("Failed to find node") => {
+                return true
+            }
+            Err(e) if attempt == 49 || qmp.past_deadline() || !qmp.is_connected() => {
+                // Past the deadline, the run's summary lists what is left.
+                if !qmp.past_deadline() {
+                    report::warn(format!("could not remove node {node}: {e}"));
+                }
+                return false;
             }
             Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
         }
     }
+    false
 }
 
 /// Repairs what an interrupted run of ours left in QEMU: orphaned jobs are cancelled,

@@ -3,6 +3,7 @@
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use qmpbackup::backup::layout::LayoutOptions;
+use qmpbackup::backup::run::Abort;
 use qmpbackup::backup::run::AbortFlag;
 use qmpbackup::backup::{self, BackupOptions, LevelArg};
 use qmpbackup::qmp::agent::Agent;
@@ -11,8 +12,6 @@ use qmpbackup::report;
 use serde_json::json;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 /// Live backups of running QEMU VMs over QMP: full, incremental (dirty bitmaps), auto and
@@ -132,6 +131,15 @@ struct BackupArgs {
     /// Print progress events and the summary as JSON lines on stdout.
     #[arg(long)]
     json: bool,
+    /// Cancel the backup (and fail) when a disk's job has made no progress for this many
+    /// seconds: a stuck storage or QEMU never keeps the run waiting forever.
+    #[arg(long, default_value_t = 1800, value_name = "SECONDS")]
+    stall_timeout: u64,
+    /// After SIGINT/SIGTERM (or a stall), how many seconds QEMU gets to cancel the jobs and
+    /// the run to undo its changes; then it leaves, saying what it left (`qmpbackup
+    /// cleanup` removes it). A second signal leaves at once.
+    #[arg(long, default_value_t = 30, value_name = "SECONDS")]
+    cancel_timeout: u64,
 }
 
 #[derive(Subcommand)]
@@ -147,14 +155,18 @@ enum Command {
         #[arg(long, value_enum)]
         show: Show,
     },
-    /// Remove qmpbackup's dirty bitmaps (all chains, or one with --uuid) and anything an
-    /// interrupted run left in QEMU.
+    /// Remove what an interrupted run left in QEMU (block jobs and nodes; the changes held
+    /// by a frozen bitmap are merged back into its chain's bitmap, so none is lost); with
+    /// --remove-bitmap, also qmpbackup's dirty bitmaps (all chains, or one with --uuid),
+    /// which ends those chains.
     ///
-    /// Example: qmpbackup --socket /run/vm1-backup.qmp cleanup --remove-bitmap
+    /// Example: qmpbackup --socket /run/vm1-backup.qmp cleanup
     Cleanup {
-        #[arg(long, alias = "remove-bitmaps", required = true)]
+        /// Also remove the dirty bitmaps (the next backup of each chain must be a full).
+        #[arg(long, alias = "remove-bitmaps")]
         remove_bitmap: bool,
-        #[arg(long)]
+        /// With --remove-bitmap: only this chain's bitmap (qmpbackup-<uuid>).
+        #[arg(long, requires = "remove_bitmap")]
         uuid: Option<String>,
     },
 }
@@ -166,7 +178,7 @@ async fn connect(socket: &Option<String>) -> Result<Qmp> {
     Ok(Qmp::connect(s, Duration::from_secs(60)).await?)
 }
 
-fn install_signals(abort: AbortFlag) {
+fn install_signals(abort: AbortFlag, grace: Duration) {
     tokio::spawn(async move {
         use tokio::signal::unix::{signal, SignalKind};
         let (Ok(mut int), Ok(mut term)) = (
@@ -180,10 +192,13 @@ fn install_signals(abort: AbortFlag) {
                 _ = int.recv() => {}
                 _ = term.recv() => {}
             }
-            if abort.swap(true, Ordering::SeqCst) {
-                report::warn("second signal: still cleaning up, please wait");
+            if abort.signal(grace) > 1 {
+                report::warn("second signal: leaving now, reporting what is left");
             } else {
-                report::warn("signal received: cancelling the backup and cleaning up");
+                report::warn(format!(
+                    "signal received: cancelling the backup and cleaning up (at most {} s; a second signal leaves at once)",
+                    grace.as_secs()
+                ));
             }
         }
     });
@@ -234,10 +249,13 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 },
                 fleece_dir: a.fleece_dir.clone(),
                 json: a.json,
+                stall_timeout: Duration::from_secs(a.stall_timeout.max(1)),
+                cancel_timeout: Duration::from_secs(a.cancel_timeout),
             };
-            let abort: AbortFlag = Arc::new(AtomicBool::new(false));
-            install_signals(abort.clone());
+            let abort: AbortFlag = Abort::new();
+            install_signals(abort.clone(), opts.cancel_timeout);
             let qmp = connect(&cli.socket).await?;
+            qmp.follow_deadline(abort.deadline());
             let agent = if a.quiesce {
                 let path = cli
                     .agent_socket
@@ -294,10 +312,16 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             uuid,
         } => {
             let qmp = connect(&cli.socket).await?;
-            if remove_bitmap {
-                for m in backup::remove_bitmaps(&qmp, uuid.as_deref()).await? {
-                    report::info(m);
-                }
+            let done = if remove_bitmap {
+                backup::remove_bitmaps(&qmp, uuid.as_deref()).await?
+            } else {
+                backup::repair(&qmp).await?
+            };
+            if done.is_empty() {
+                report::info("nothing of qmpbackup's was left in QEMU");
+            }
+            for m in done {
+                report::info(m);
             }
         }
     }

@@ -23,6 +23,10 @@ struct Cli {
     /// Print only errors.
     #[arg(long, short = 'q', global = true)]
     quiet: bool,
+    /// Read backup files even while another process (a running QEMU, qemu-img) holds them
+    /// open for writing. Without it such a file is refused: it could be read torn.
+    #[arg(long, global = true)]
+    force_share: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -138,12 +142,13 @@ enum Command {
     },
 }
 
-fn common(d: DirArgs, until: Option<String>, skip_check: bool) -> Common {
+fn common(d: DirArgs, until: Option<String>, flags: (bool, bool)) -> Common {
     Common {
         dir: d.dir,
         filter: d.filter,
         until,
-        skip_check,
+        skip_check: flags.0,
+        force_share: flags.1,
     }
 }
 
@@ -158,7 +163,7 @@ fn rate(r: RateArg) -> Result<u64> {
 
 fn run(cli: Cli) -> Result<ExitCode> {
     report::set_quiet(cli.quiet);
-    let skip = cli.skip_check;
+    let skip = (cli.skip_check, cli.force_share);
     match cli.command {
         Command::Rebase {
             dir,

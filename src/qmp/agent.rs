@@ -3,9 +3,10 @@
 //! capabilities and no events; a missing agent shows only as silence, so every read has a
 //! timeout.
 
+use super::wire::{excerpt, read_line_bounded, MAX_MESSAGE};
 use serde_json::{json, Value};
 use std::time::Duration;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
 
@@ -71,7 +72,7 @@ impl Agent {
                 .as_bytes(),
         );
         msg.push(b'\n');
-        self.writer.write_all(&msg).await?;
+        self.send(&msg).await?;
         let deadline = tokio::time::Instant::now() + self.timeout;
         // Discard everything up to the 0xFF delimiter.
         loop {
@@ -91,29 +92,42 @@ impl Agent {
         }
     }
 
+    /// Sends bytes; an agent that stops reading cannot keep us waiting past the timeout.
+    async fn send(&mut self, bytes: &[u8]) -> Result<(), AgentError> {
+        match tokio::time::timeout(self.timeout, self.writer.write_all(bytes)).await {
+            Err(_) => Err(AgentError::Timeout(self.timeout.as_secs())),
+            Ok(r) => Ok(r?),
+        }
+    }
+
+    /// The next reply. The 0xFF delimiter bytes of a sync are dropped; anything else that is
+    /// not a JSON object, or a line over [`MAX_MESSAGE`], is a protocol error at once.
     async fn read_reply(&mut self, deadline: tokio::time::Instant) -> Result<Value, AgentError> {
         loop {
-            let mut line = Vec::new();
-            match tokio::time::timeout_at(deadline, self.reader.read_until(b'\n', &mut line)).await
-            {
+            let read = read_line_bounded(&mut self.reader, MAX_MESSAGE);
+            let line = match tokio::time::timeout_at(deadline, read).await {
                 Err(_) => return Err(AgentError::Timeout(self.timeout.as_secs())),
                 Ok(Err(e)) => return Err(e.into()),
-                Ok(Ok(0)) => {
+                Ok(Ok(None)) => {
                     return Err(AgentError::Io(std::io::Error::new(
                         std::io::ErrorKind::UnexpectedEof,
                         "agent socket closed",
                     )))
                 }
-                Ok(Ok(_)) => {}
-            }
+                Ok(Ok(Some(l))) => l,
+            };
             let text: Vec<u8> = line.into_iter().filter(|&b| b != 0xff).collect();
-            let text = String::from_utf8_lossy(&text);
-            let t = text.trim();
-            if t.is_empty() {
+            if text.iter().all(u8::is_ascii_whitespace) {
                 continue;
             }
-            if let Ok(v) = serde_json::from_str::<Value>(t) {
-                return Ok(v);
+            match serde_json::from_slice::<Value>(&text) {
+                Ok(v) if v.is_object() => return Ok(v),
+                _ => {
+                    return Err(AgentError::Protocol(format!(
+                        "not a guest agent message: {:?}",
+                        excerpt(&text)
+                    )))
+                }
             }
         }
     }
@@ -126,7 +140,7 @@ impl Agent {
         }
         let mut line = msg.to_string();
         line.push('\n');
-        self.writer.write_all(line.as_bytes()).await?;
+        self.send(line.as_bytes()).await?;
         let deadline = tokio::time::Instant::now() + self.timeout;
         let v = self.read_reply(deadline).await?;
         if let Some(r) = v.get("return") {

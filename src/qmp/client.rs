@@ -1,14 +1,16 @@
 //! A tokio QMP client: one reader task routes replies to their requests by id and queues
 //! events (which QEMU often sends between a command and its reply).
 
+use super::wire::{excerpt, read_line_bounded, MAX_MESSAGE};
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
-use tokio::sync::{mpsc, oneshot, Mutex};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::sync::{mpsc, oneshot, watch, Mutex};
+use tokio::time::Instant;
 
 #[derive(Debug, thiserror::Error)]
 pub enum QmpError {
@@ -27,6 +29,9 @@ pub enum QmpError {
     Io(#[from] std::io::Error),
     #[error("QMP protocol error: {0}")]
     Protocol(String),
+    /// The caller's deadline for talking to QEMU passed (after a signal, say).
+    #[error("gave up waiting for QEMU ({0})")]
+    GaveUp(String),
 }
 
 impl QmpError {
@@ -52,8 +57,23 @@ pub struct Qmp {
     events: Mutex<mpsc::UnboundedReceiver<Event>>,
     next_id: AtomicU64,
     closed: Arc<std::sync::atomic::AtomicBool>,
+    /// Why the connection ended, when QEMU (or whatever answered) broke the protocol.
+    failure: Arc<std::sync::Mutex<Option<String>>>,
+    /// When to stop waiting for QEMU at all: every call and every wait ends by then.
+    deadline: std::sync::Mutex<Option<watch::Receiver<Option<Instant>>>>,
     pub greeting: Value,
     pub timeout: Duration,
+}
+
+/// Parses one message of the peer; a message that is not a JSON object is a protocol error.
+fn parse_message(line: &[u8]) -> Result<Value, String> {
+    match serde_json::from_slice::<Value>(line) {
+        Ok(v) if v.is_object() => Ok(v),
+        Ok(_) | Err(_) => Err(format!(
+            "the peer sent something that is not a QMP message: {:?}",
+            excerpt(line)
+        )),
+    }
 }
 
 /// How long to wait for QEMU's greeting: a busy socket accepts the connection but stays
@@ -75,17 +95,22 @@ impl Qmp {
             (Box::new(r), Box::new(w))
         } else {
             let path = addr.strip_prefix("unix:").unwrap_or(addr);
-            let s = tokio::net::UnixStream::connect(path).await.map_err(|e| {
-                QmpError::Io(std::io::Error::new(
-                    e.kind(),
-                    format!("cannot connect to QMP socket {path}: {e}"),
-                ))
-            })?;
+            let s = tokio::time::timeout(timeout, tokio::net::UnixStream::connect(path))
+                .await
+                .map_err(|_| QmpError::Timeout(format!("connecting to {path} timed out")))?
+                .map_err(|e| {
+                    QmpError::Io(std::io::Error::new(
+                        e.kind(),
+                        format!("cannot connect to QMP socket {path}: {e}"),
+                    ))
+                })?;
             let (r, w) = s.into_split();
             (Box::new(r), Box::new(w))
         };
-        let mut lines = BufReader::new(r).lines();
-        let greeting = match tokio::time::timeout(GREETING_TIMEOUT, lines.next_line()).await {
+        let mut lines = BufReader::new(r);
+        let first =
+            tokio::time::timeout(GREETING_TIMEOUT, read_line_bounded(&mut lines, MAX_MESSAGE));
+        let greeting = match first.await {
             Err(_) => {
                 return Err(QmpError::Timeout(format!(
                     "no greeting from QEMU on {addr} within {} s: the QMP socket is busy (QMP serves one client at a time). \
@@ -94,8 +119,8 @@ impl Qmp {
                     GREETING_TIMEOUT.as_secs()
                 )))
             }
-            Ok(Ok(Some(l))) => serde_json::from_str::<Value>(l.trim_end())
-                .map_err(|e| QmpError::Protocol(format!("bad greeting: {e}")))?,
+            Ok(Ok(Some(l))) => parse_message(&l)
+                .map_err(|e| QmpError::Protocol(format!("{addr}: bad greeting: {e}")))?,
             Ok(Ok(None)) => return Err(QmpError::Disconnected),
             Ok(Err(e)) => return Err(e.into()),
         };
@@ -109,14 +134,29 @@ impl Qmp {
         let p2 = pending.clone();
         let closed = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let closed2 = closed.clone();
+        let failure: Arc<std::sync::Mutex<Option<String>>> = Default::default();
+        let failure2 = failure.clone();
         tokio::spawn(async move {
+            let mut broken = None;
             loop {
-                let line = match lines.next_line().await {
+                let line = match read_line_bounded(&mut lines, MAX_MESSAGE).await {
                     Ok(Some(l)) => l,
-                    _ => break,
+                    Ok(None) => break,
+                    Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                        broken = Some(e.to_string());
+                        break;
+                    }
+                    Err(_) => break,
                 };
-                let Ok(v) = serde_json::from_str::<Value>(line.trim_end()) else {
+                if line.iter().all(u8::is_ascii_whitespace) {
                     continue;
+                }
+                let v = match parse_message(&line) {
+                    Ok(v) => v,
+                    Err(e) => {
+                        broken = Some(e);
+                        break;
+                    }
                 };
                 if let Some(name) = v.get("event").and_then(Value::as_str) {
                     let _ = etx.send(Event {
@@ -144,10 +184,16 @@ impl Qmp {
                 };
                 let _ = tx.send(res);
             }
-            // Connection gone: fail everything still waiting.
+            // Connection gone (or the peer broke the protocol): fail everything waiting.
+            if let Some(b) = &broken {
+                *failure2.lock().unwrap_or_else(|e| e.into_inner()) = Some(b.clone());
+            }
             closed2.store(true, Ordering::SeqCst);
             for (_, tx) in p2.lock().unwrap_or_else(|e| e.into_inner()).drain() {
-                let _ = tx.send(Err(QmpError::Disconnected));
+                let _ = tx.send(Err(match &broken {
+                    Some(b) => QmpError::Protocol(b.clone()),
+                    None => QmpError::Disconnected,
+                }));
             }
         });
         let qmp = Qmp {
@@ -156,6 +202,8 @@ impl Qmp {
             events: Mutex::new(erx),
             next_id: AtomicU64::new(1),
             closed,
+            failure,
+            deadline: std::sync::Mutex::new(None),
             greeting,
             timeout,
         };
@@ -174,12 +222,25 @@ impl Qmp {
         arguments: Value,
         timeout: Duration,
     ) -> Result<Value, QmpError> {
+        let limit = Instant::now() + timeout;
+        if self.past_deadline() {
+            return Err(QmpError::GaveUp(format!("{command} not sent")));
+        }
+        if let Some(e) = self.closed_error() {
+            return Err(e);
+        }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = oneshot::channel();
+        let (tx, mut rx) = oneshot::channel();
         self.pending
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(id, tx);
+        // The reader task sets `closed` before it fails what is pending: a request added
+        // after that sees it here instead of waiting for a reply that cannot come.
+        if let Some(e) = self.closed_error() {
+            self.forget(id);
+            return Err(e);
+        }
         let mut msg = json!({"execute": command, "id": id});
         if !arguments.is_null() && arguments.as_object().is_none_or(|o| !o.is_empty()) {
             msg["arguments"] = arguments;
@@ -187,23 +248,29 @@ impl Qmp {
         crate::report::debug(format!("-> {msg}"));
         let mut line = msg.to_string();
         line.push('\n');
-        {
+        let send = async {
             let mut w = self.writer.lock().await;
             w.write_all(line.as_bytes()).await?;
-            w.flush().await?;
+            w.flush().await
+        };
+        // A peer that stops reading fills the socket: the write is bounded too.
+        match self.bounded(limit, send).await {
+            Some(Ok(())) => {}
+            Some(Err(e)) => {
+                self.forget(id);
+                return Err(e.into());
+            }
+            None => {
+                self.forget(id);
+                return Err(self.wait_error(command, timeout, "could not send"));
+            }
         }
-        let res = match tokio::time::timeout(timeout, rx).await {
-            Ok(Ok(r)) => r,
-            Ok(Err(_)) => Err(QmpError::Disconnected),
-            Err(_) => {
-                self.pending
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(&id);
-                Err(QmpError::Timeout(format!(
-                    "{command}: no reply from QEMU within {} s",
-                    timeout.as_secs()
-                )))
+        let res = match self.bounded(limit, &mut rx).await {
+            Some(Ok(r)) => r,
+            Some(Err(_)) => Err(self.closed_error().unwrap_or(QmpError::Disconnected)),
+            None => {
+                self.forget(id);
+                Err(self.wait_error(command, timeout, "no reply"))
             }
         };
         crate::report::debug(format!("<- {command}: {res:?}"));
@@ -217,6 +284,92 @@ impl Qmp {
         })
     }
 
+    fn forget(&self, id: u64) {
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
+    }
+
+    fn wait_error(&self, command: &str, timeout: Duration, what: &str) -> QmpError {
+        if self.past_deadline() {
+            QmpError::GaveUp(format!("{command}: {what}"))
+        } else {
+            QmpError::Timeout(format!(
+                "{command}: {what} from QEMU within {} s",
+                timeout.as_secs()
+            ))
+        }
+    }
+
+    /// The error for a connection that has ended, if it has.
+    fn closed_error(&self) -> Option<QmpError> {
+        if self.is_connected() {
+            return None;
+        }
+        Some(match self.failure() {
+            Some(f) => QmpError::Protocol(f),
+            None => QmpError::Disconnected,
+        })
+    }
+
+    /// Runs `fut` until it ends, `limit` passes, or the deadline passes (also one set while
+    /// waiting); None when it did not end.
+    async fn bounded<F: std::future::Future>(&self, limit: Instant, fut: F) -> Option<F::Output> {
+        let mut deadline = self
+            .deadline
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        tokio::pin!(fut);
+        loop {
+            let cap = match deadline.as_mut() {
+                Some(rx) => rx.borrow_and_update().map_or(limit, |d| d.min(limit)),
+                None => limit,
+            };
+            let changed = async {
+                match deadline.as_mut() {
+                    Some(rx) => {
+                        if rx.changed().await.is_err() {
+                            std::future::pending::<()>().await;
+                        }
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                out = &mut fut => return Some(out),
+                _ = tokio::time::sleep_until(cap) => return None,
+                _ = changed => continue,
+            }
+        }
+    }
+
+    /// Makes every call and wait end by the instant `rx` holds (None: no limit), also calls
+    /// already waiting when it changes. A backup sets it when a signal asks it to stop.
+    pub fn follow_deadline(&self, rx: watch::Receiver<Option<Instant>>) {
+        *self.deadline.lock().unwrap_or_else(|e| e.into_inner()) = Some(rx);
+    }
+
+    /// Whether the deadline set through [`Qmp::follow_deadline`] has passed.
+    pub fn past_deadline(&self) -> bool {
+        self.deadline
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .and_then(|rx| *rx.borrow())
+            .is_some_and(|d| Instant::now() >= d)
+    }
+
+    /// Why the connection ended, when the peer broke the protocol (not JSON, a message
+    /// without an end).
+    pub fn failure(&self) -> Option<String> {
+        self.failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     /// Runs a command and decodes its reply.
     pub async fn query<T: DeserializeOwned>(
         &self,
@@ -228,17 +381,21 @@ impl Qmp {
             .map_err(|e| QmpError::Protocol(format!("{command}: unexpected reply: {e}")))
     }
 
-    /// The next event, waiting at most `timeout`; None on timeout or disconnect.
+    /// The next event, waiting at most `timeout` (and never past the deadline); None on
+    /// timeout or disconnect.
     pub async fn next_event(&self, timeout: Duration) -> Option<Event> {
+        let limit = Instant::now() + timeout;
         let mut rx = self.events.lock().await;
-        match tokio::time::timeout(timeout, rx.recv()).await {
-            Ok(Some(e)) => Some(e),
-            Ok(None) => {
+        match self.bounded(limit, rx.recv()).await {
+            Some(Some(e)) => Some(e),
+            Some(None) => {
                 // Closed: do not spin.
-                tokio::time::sleep(timeout.min(Duration::from_millis(200))).await;
+                let _ = self
+                    .bounded(limit, tokio::time::sleep(Duration::from_millis(200)))
+                    .await;
                 None
             }
-            Err(_) => None,
+            None => None,
         }
     }
 

@@ -1,6 +1,7 @@
 //! The restore commands: rebase, commit, merge, snapshotrebase, verify, list.
 
 use super::discover::{BackupFile, Chain, Directory};
+use crate::fsutil::Dir;
 use crate::manifest;
 use crate::report;
 use anyhow::{bail, Context, Result};
@@ -22,6 +23,8 @@ pub struct Common {
     pub filter: Option<String>,
     pub until: Option<String>,
     pub skip_check: bool,
+    /// Read backup files even while another process writes them.
+    pub force_share: bool,
 }
 
 /// The chain a command works on: the newest FULL and its INCs, cut at `--until`.
@@ -65,7 +68,7 @@ fn open_alone(f: &BackupFile) -> Result<qcow2::Chain> {
             no_backing: true,
         },
     )
-    .with_context(|| format!("{}: cannot open backup file", f.path.display()))
+    .context("cannot open backup file")
 }
 
 /// Stale COPIED flags (what an interrupted snapshot operation leaves, as QEMU's does) do not
@@ -87,7 +90,24 @@ fn tolerable_stale_flags(f: &BackupFile, r: &check::CheckReport) -> bool {
 /// structural check, virtual sizes must not shrink, and manifests (where present) must name
 /// the same bitmap uuid. Returns the FULL's check report (None with `skip_check`), so a
 /// command that changes the FULL need not check it again.
-pub fn preflight(chain: &Chain, skip_check: bool) -> Result<Option<check::CheckReport>> {
+pub fn preflight(
+    chain: &Chain,
+    skip_check: bool,
+    force_share: bool,
+) -> Result<Option<check::CheckReport>> {
+    for f in chain.files() {
+        refuse_in_use(f, force_share)?;
+    }
+    preflight_files(chain, skip_check, false)
+}
+
+/// [`preflight`] without the in-use check. With `tolerate_bad_manifests`, a manifest that
+/// cannot be read does not stop it (verify reports it for its file).
+fn preflight_files(
+    chain: &Chain,
+    skip_check: bool,
+    tolerate_bad_manifests: bool,
+) -> Result<Option<check::CheckReport>> {
     let mut full_report = None;
     let mut prev_size = 0u64;
     let mut uuid: Option<(String, String)> = None;
@@ -103,8 +123,7 @@ pub fn preflight(chain: &Chain, skip_check: bool) -> Result<Option<check::CheckR
         prev_size = size;
         if !skip_check {
             let q = c.top().as_qcow2().expect("qcow2");
-            let r =
-                check::check(q).with_context(|| format!("{}: cannot check", f.path.display()))?;
+            let r = check::check(q).context("cannot check")?;
             if (r.corruptions > 0 || r.check_errors > 0) && !tolerable_stale_flags(f, &r) {
                 bail!(
                     "{}: damaged image ({} errors: {}); nothing was changed. Restore up to the previous point with --until, or check the file with `qcow2 check`",
@@ -124,7 +143,11 @@ pub fn preflight(chain: &Chain, skip_check: bool) -> Result<Option<check::CheckR
                 full_report = Some(r);
             }
         }
-        if let Some(m) = manifest::read_manifest(&f.path)? {
+        let m = match manifest::read_manifest(&f.path) {
+            Err(_) if tolerate_bad_manifests => None,
+            other => other?,
+        };
+        if let Some(m) = m {
             if let Some(u) = m.uuid {
                 match &uuid {
                     Some((first, name)) if *first != u => bail!(
@@ -138,6 +161,40 @@ pub fn preflight(chain: &Chain, skip_check: bool) -> Result<Option<check::CheckR
         }
     }
     Ok(full_report)
+}
+
+/// A backup file another process is writing (QEMU's write lock is held on it) would be read
+/// torn: refused unless `--force-share`.
+fn refuse_in_use(f: &BackupFile, force_share: bool) -> Result<()> {
+    if !qcow2::lock::path_has_writer(&f.path) {
+        return Ok(());
+    }
+    if force_share {
+        report::warn(format!(
+            "{}: in use for writing by another process; reading it anyway (--force-share)",
+            f.path.display()
+        ));
+        return Ok(());
+    }
+    bail!(
+        "{}: in use for writing by another process (a running QEMU, qemu-img or qemu-io?); reading it now could give a torn image. Nothing was changed: wait until it is done, or pass --force-share to read it anyway",
+        f.path.display()
+    )
+}
+
+/// A backup file that a command changes in place must be a regular file in the backup
+/// directory, not a symlink to a file elsewhere (which someone with write access to the
+/// directory could have planted).
+fn refuse_symlink(f: &BackupFile) -> Result<()> {
+    let m = std::fs::symlink_metadata(&f.path)
+        .with_context(|| format!("{}: cannot read", f.path.display()))?;
+    if !m.file_type().is_file() {
+        bail!(
+            "{}: not a regular file (a symlink?); this command changes backup files in place and only does so to files in the backup directory itself. Nothing was changed",
+            f.path.display()
+        );
+    }
+    Ok(())
 }
 
 /// Before a command changes `f` in place: it must be writable as an image (not flagged
@@ -164,8 +221,8 @@ fn refuse_unwritable(f: &BackupFile, img: &Qcow2) -> Result<()> {
 /// [`refuse_unwritable`] for each of `files`, all before the first change.
 fn preflight_writable(files: &[&BackupFile]) -> Result<()> {
     for f in files {
-        let img = Qcow2::open(&f.path)
-            .with_context(|| format!("{}: cannot open backup file", f.path.display()))?;
+        refuse_symlink(f)?;
+        let img = Qcow2::open(&f.path).context("cannot open backup file")?;
         refuse_unwritable(f, &img)?;
     }
     Ok(())
@@ -175,10 +232,20 @@ fn preflight_writable(files: &[&BackupFile]) -> Result<()> {
 /// `image` points at the newest point.
 pub fn rebase(c: &Common, dry_run: bool) -> Result<()> {
     let (_, chain) = select_chain(c)?;
-    preflight(&chain, c.skip_check)?;
+    preflight(&chain, c.skip_check, c.force_share)?;
     let files = chain.files();
+    let link = c.dir.join("image");
+    let dir = Dir::open(&c.dir).with_context(|| format!("{}: cannot open", c.dir.display()))?;
     if !dry_run {
         preflight_writable(&files[1..])?;
+        if let Some(st) = dir.lstat("image")? {
+            if st.st_mode & libc::S_IFMT != libc::S_IFLNK {
+                bail!(
+                    "{}: exists and is not a symlink; not replacing it (nothing was changed)",
+                    link.display()
+                );
+            }
+        }
     }
     for pair in files.windows(2) {
         let (prev, cur) = (pair[0], pair[1]);
@@ -192,22 +259,14 @@ pub fn rebase(c: &Common, dry_run: bool) -> Result<()> {
                     unsafe_mode: true,
                 },
             )
-            .with_context(|| format!("{}: rebase failed", cur.path.display()))?;
+            .context("rebase failed")?;
         }
     }
     let newest = chain.newest();
-    let link = c.dir.join("image");
     report::info(format!("{} -> {}", link.display(), newest.name));
     if !dry_run {
-        match std::fs::symlink_metadata(&link) {
-            Ok(m) if m.file_type().is_symlink() => std::fs::remove_file(&link)?,
-            Ok(_) => bail!(
-                "{}: exists and is not a symlink; not replacing it",
-                link.display()
-            ),
-            Err(_) => {}
-        }
-        std::os::unix::fs::symlink(&newest.name, &link)
+        // A new link renamed over the old one: never a moment without it, never followed.
+        dir.replace_symlink(&newest.name, "image")
             .with_context(|| format!("{}: cannot create symlink", link.display()))?;
     }
     Ok(())
@@ -219,15 +278,13 @@ pub fn rebase(c: &Common, dry_run: bool) -> Result<()> {
 /// so the finished FULL checks clean. `checked` is preflight's report of the FULL, if any.
 fn open_full_for_writing(full: &BackupFile, checked: Option<check::CheckReport>) -> Result<Qcow2> {
     let path = &full.path;
+    refuse_symlink(full)?;
     let (dirty, leaks, stale_flags) = {
-        let img = Qcow2::open(path)
-            .with_context(|| format!("{}: cannot open backup file", path.display()))?;
+        let img = Qcow2::open(path).context("cannot open backup file")?;
         refuse_unwritable(full, &img)?;
         let report = match checked {
             Some(r) => r,
-            None => {
-                check::check(&img).with_context(|| format!("{}: cannot check", path.display()))?
-            }
+            None => check::check(&img).context("cannot check")?,
         };
         (
             img.header().is_dirty(),
@@ -241,7 +298,7 @@ fn open_full_for_writing(full: &BackupFile, checked: Option<check::CheckReport>)
         } else {
             RepairMode::Leaks
         };
-        let r = repair(path, mode).with_context(|| format!("{}: repair failed", path.display()))?;
+        let r = repair(path, mode).context("repair failed")?;
         report::info(format!(
             "{}: repaired what an interrupted run left ({} leaked cluster(s){})",
             full.name,
@@ -253,8 +310,7 @@ fn open_full_for_writing(full: &BackupFile, checked: Option<check::CheckReport>)
             }
         ));
     }
-    Qcow2::open_rw(path, OpenRwOptions::default())
-        .with_context(|| format!("{}: cannot open for writing", path.display()))
+    Ok(Qcow2::open_rw(path, OpenRwOptions::default())?)
 }
 
 fn commit_inc(full: &mut Qcow2, inc: &BackupFile, rate_limit: u64) -> Result<()> {
@@ -276,7 +332,7 @@ fn interrupted_hint(full: &BackupFile, inc: &BackupFile, cmd: &str) -> String {
 /// once its data is safely in the FULL.
 pub fn commit(c: &Common, rate_limit: u64) -> Result<()> {
     let (_, chain) = select_chain(c)?;
-    let checked = preflight(&chain, c.skip_check)?;
+    let checked = preflight(&chain, c.skip_check, c.force_share)?;
     let mut full = open_full_for_writing(&chain.full, checked)?;
     for inc in &chain.incs {
         report::info(format!("committing {} into {}", inc.name, chain.full.name));
@@ -308,11 +364,18 @@ fn refresh_manifest(path: &Path) -> Result<()> {
 /// With `share_blocks`, the target shares the backups' data blocks where the filesystem can.
 pub fn merge(c: &Common, target: &Path, share_blocks: bool, rate_limit: u64) -> Result<()> {
     let (_, chain) = select_chain(c)?;
-    preflight(&chain, c.skip_check)?;
+    preflight(&chain, c.skip_check, c.force_share)?;
     if target.symlink_metadata().is_ok() {
         bail!(
             "{}: target exists; not overwriting it (choose another --targetfile or remove it)",
             target.display()
+        );
+    }
+    let target_manifest = manifest::manifest_path(target);
+    if target_manifest.symlink_metadata().is_ok() {
+        bail!(
+            "{}: exists (the manifest of an earlier restore?); not overwriting it (choose another --targetfile or remove it)",
+            target_manifest.display()
         );
     }
     if let Some(parent) = target.parent().filter(|p| !p.as_os_str().is_empty()) {
@@ -321,8 +384,7 @@ pub fn merge(c: &Common, target: &Path, share_blocks: bool, rate_limit: u64) -> 
     }
     let mut layers = Vec::new();
     for f in chain.files().into_iter().rev() {
-        let q = Qcow2::open(&f.path)
-            .with_context(|| format!("{}: cannot open backup file", f.path.display()))?;
+        let q = Qcow2::open(&f.path).context("cannot open backup file")?;
         layers.push(Layer::Qcow2(Box::new(q)));
     }
     let stack = qcow2::Chain::from_layers(layers)?;
@@ -370,7 +432,7 @@ pub const FULL_SNAPSHOT: &str = "FULL-BACKUP";
 /// The INC files are removed once every point is in.
 pub fn snapshotrebase(c: &Common, rate_limit: u64) -> Result<()> {
     let (_, chain) = select_chain(c)?;
-    let checked = preflight(&chain, c.skip_check)?;
+    let checked = preflight(&chain, c.skip_check, c.force_share)?;
     let mut full = open_full_for_writing(&chain.full, checked)?;
     let existing: Vec<String> = full.snapshots()?.into_iter().map(|s| s.name).collect();
     if !existing.iter().any(|n| n == FULL_SNAPSHOT) {
@@ -437,6 +499,7 @@ pub fn verify(c: &Common) -> Result<Vec<VerifiedFile>> {
     all.extend(dir.copies.iter());
     for f in all {
         let res = (|| -> Result<bool> {
+            refuse_in_use(f, c.force_share)?;
             let ch = open_alone(f)?;
             let q = ch.top().as_qcow2().expect("qcow2");
             let r = check::check(q)?;
@@ -469,7 +532,7 @@ pub fn verify(c: &Common) -> Result<Vec<VerifiedFile>> {
 
 fn preflight_continuity(ch: &Chain) -> Result<()> {
     // Structural checks are done per file by verify itself.
-    preflight(ch, true).map(|_| ())
+    preflight_files(ch, true, true).map(|_| ())
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -1,6 +1,7 @@
 //! Finding the backup chains in a disk's backup directory: FULL-, INC- and COPY- files,
 //! ordered by the Unix timestamp in their names (never by file times).
 
+use crate::report;
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -54,6 +55,14 @@ impl BackupFile {
             level,
             timestamp,
         })
+    }
+
+    /// The disk's name part: what follows `<LEVEL>-<unix time>-`.
+    pub fn disk_part(&self) -> &str {
+        self.name
+            .split_once('-')
+            .and_then(|(_, r)| r.split_once('-'))
+            .map_or("", |(_, disk)| disk)
     }
 
     /// The name without its extension (".qcow2").
@@ -137,8 +146,11 @@ pub struct Directory {
 
 impl Directory {
     /// Reads a directory. `filter` keeps only file names containing it. Unfinished
-    /// (`.partial`) backups are an error: they are not backups.
+    /// (`.partial`) backups are an error: they are not backups. Side files (manifests,
+    /// configs), our temporaries and moved-aside partials are never taken for backups; a
+    /// FIFO, socket or device named like a backup is skipped with a warning, never opened.
     pub fn scan(dir: &Path, filter: Option<&str>) -> Result<Directory> {
+        use std::os::unix::ffi::OsStrExt;
         let entries = std::fs::read_dir(dir)
             .with_context(|| format!("{}: cannot read the backup directory", dir.display()))?;
         let mut files = Vec::new();
@@ -147,23 +159,53 @@ impl Directory {
             let e =
                 e.with_context(|| format!("{}: cannot read the backup directory", dir.display()))?;
             let path = e.path();
-            let name = e.file_name().to_string_lossy().into_owned();
+            let raw = e.file_name();
+            let Some(name) = raw.to_str() else {
+                if looks_like_backup(raw.as_bytes()) {
+                    bail!(
+                        "{}: the file name is not valid UTF-8; rename it (backup file names are recorded in the chain as text)",
+                        path.display()
+                    );
+                }
+                continue;
+            };
             if let Some(f) = filter {
                 if !name.contains(f) {
                     continue;
                 }
             }
-            if name.ends_with(".manifest") || name.ends_with(".config") {
+            if is_side_file(name) {
                 continue;
             }
             if name.ends_with(".partial") {
                 if BackupFile::parse(&path).is_some() {
-                    partial.push(name);
+                    partial.push(name.to_string());
                 }
                 continue;
             }
-            if path.is_dir() {
+            if !looks_like_backup(name.as_bytes()) {
                 continue;
+            }
+            // The type without opening the file: lstat, and stat for a symlink.
+            let file_type = match e.file_type() {
+                Ok(t) if t.is_symlink() => std::fs::metadata(&path).map(|m| m.file_type()),
+                other => other,
+            };
+            match file_type {
+                Ok(t) if t.is_file() => {}
+                Ok(t) if t.is_dir() => continue,
+                Ok(t) => {
+                    report::warn(format!(
+                        "{}: a {}, not a backup file: skipped",
+                        path.display(),
+                        special_kind(&t)
+                    ));
+                    continue;
+                }
+                Err(err) => {
+                    report::warn(format!("{}: skipped: {err}", path.display()));
+                    continue;
+                }
             }
             if let Some(b) = BackupFile::parse(&path) {
                 files.push(b);
@@ -182,6 +224,11 @@ impl Directory {
                 partial.join(", ")
             );
         }
+        Ok(Directory::from_files(dir.to_path_buf(), files))
+    }
+
+    /// Orders backup files into chains (by the time in their names), copies and orphans.
+    fn from_files(dir: PathBuf, mut files: Vec<BackupFile>) -> Directory {
         files.sort_by(|a, b| (a.timestamp, a.level, &a.name).cmp(&(b.timestamp, b.level, &b.name)));
         let mut chains: Vec<Chain> = Vec::new();
         let mut copies = Vec::new();
@@ -199,12 +246,26 @@ impl Directory {
                 Level::Copy => copies.push(f),
             }
         }
-        Ok(Directory {
-            dir: dir.to_path_buf(),
+        Directory {
+            dir,
             chains,
             copies,
             orphans,
-        })
+        }
+    }
+
+    /// Keeps only the backups `keep` accepts, and rebuilds the chains from them.
+    pub fn retain(&mut self, keep: impl Fn(&BackupFile) -> bool) {
+        let mut files: Vec<BackupFile> = Vec::new();
+        for c in self.chains.drain(..) {
+            files.push(c.full);
+            files.extend(c.incs);
+        }
+        files.append(&mut self.copies);
+        files.append(&mut self.orphans);
+        files.retain(|f| keep(f));
+        let rebuilt = Directory::from_files(self.dir.clone(), files);
+        *self = rebuilt;
     }
 
     /// The newest chain (the one restore commands work on).
@@ -215,5 +276,37 @@ impl Directory {
                 self.dir.display()
             )
         })
+    }
+}
+
+/// Whether a name starts like a backup file (`FULL-`, `INC-`, `COPY-`).
+fn looks_like_backup(name: &[u8]) -> bool {
+    [&b"FULL-"[..], b"INC-", b"COPY-"]
+        .iter()
+        .any(|p| name.starts_with(p))
+}
+
+/// Files beside the backups that are never backups themselves: manifests, configs, the
+/// temporaries they are written through, and partials moved aside by a later run.
+pub fn is_side_file(name: &str) -> bool {
+    [".manifest", ".config", ".manifest.tmp", ".config.tmp"]
+        .iter()
+        .any(|s| name.ends_with(s))
+        || name.contains(".partial.failed-")
+        || name.starts_with('.')
+}
+
+fn special_kind(t: &std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if t.is_fifo() {
+        "FIFO"
+    } else if t.is_socket() {
+        "socket"
+    } else if t.is_block_device() {
+        "block device"
+    } else if t.is_char_device() {
+        "character device"
+    } else {
+        "special file"
     }
 }

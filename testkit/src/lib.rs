@@ -2,6 +2,8 @@
 //! running a binary with a fault injected into its file writes (`qcow2::storage::fault`),
 //! or under time and memory limits.
 
+pub mod fake_qmp;
+
 use std::io::Read;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Command, Stdio};

@@ -216,6 +216,16 @@ fn open(path: &std::path::Path, fmt: Option<Fmt>) -> qcow2::Result<Chain> {
     )
 }
 
+/// The inspection verbs read images in use, as `qemu-img -U` does, but say so.
+fn warn_if_in_use(path: &std::path::Path) {
+    if qcow2::lock::path_has_writer(path) {
+        eprintln!(
+            "qcow2: warning: {} is in use for writing by another process (a running QEMU?); reading it as it is now, which may change while it is read",
+            path.display()
+        );
+    }
+}
+
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
@@ -226,6 +236,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             format,
             file,
         } => {
+            warn_if_in_use(&file);
             let chain = open(&file, format)?;
             let n = if backing_chain {
                 chain.layers().len()
@@ -251,6 +262,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             format,
             file,
         } => {
+            warn_if_in_use(&file);
             let chain = open(&file, format)?;
             match output {
                 Output::Json => map::write_json(&chain, &mut out)?,
@@ -293,6 +305,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             repair: None,
             file,
         } => {
+            warn_if_in_use(&file);
             let chain = Chain::open(
                 &file,
                 &OpenOptions {
@@ -320,6 +333,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             a,
             b,
         } => {
+            warn_if_in_use(&a);
+            warn_if_in_use(&b);
             let result = (|| -> qcow2::Result<compare::Comparison> {
                 let ca = open(&a, format_a)?;
                 let cb = open(&b, format_b)?;
@@ -475,7 +490,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             let size = match &size {
                 Some(s) => {
-                    Some(parse_size(s).ok_or_else(|| anyhow::anyhow!("invalid size {s:?}"))?)
+                    let n = parse_size(s).ok_or_else(|| {
+                        anyhow::anyhow!(
+                            "invalid size {s:?} (bytes, or with a suffix K, M, G, T, P, E)"
+                        )
+                    })?;
+                    qcow2::create::check_image_size(n)?;
+                    Some(n)
                 }
                 None => None,
             };
@@ -490,7 +511,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         .create_new(true)
                         .open(&file)
                         .map_err(|e| anyhow::anyhow!("{}: cannot create: {e}", file.display()))?;
-                    f.set_len(size)?;
+                    if let Err(e) = f.set_len(size) {
+                        drop(f);
+                        let _ = std::fs::remove_file(&file);
+                        anyhow::bail!("{}: cannot make it {size} bytes: {e}", file.display());
+                    }
                 }
                 Fmt::Qcow2 => {
                     if let Some(b) = &backing {
