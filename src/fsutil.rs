@@ -42,24 +42,32 @@ fn check(rc: libc::c_int) -> io::Result<libc::c_int> {
     }
 }
 
-fn fstat(fd: libc::c_int) -> io::Result<libc::stat> {
-    // SAFETY: fstat fills the zeroed struct we pass for a descriptor we own.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    check(unsafe { libc::fstat(fd, &mut st) })?;
-    Ok(st)
+/// Takes ownership of a descriptor an `open`/`openat` call returned (or its error).
+fn owned(fd: libc::c_int) -> io::Result<OwnedFd> {
+    // SAFETY: a non-negative fd was just returned to us by the kernel and is owned by
+    // nobody else.
+    check(fd).map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-/// The kind of a file, from its mode.
-fn kind_of(mode: libc::mode_t) -> &'static str {
-    match mode & libc::S_IFMT {
-        libc::S_IFREG => "regular file",
-        libc::S_IFDIR => "directory",
-        libc::S_IFLNK => "symlink",
-        libc::S_IFIFO => "FIFO",
-        libc::S_IFSOCK => "socket",
-        libc::S_IFCHR => "character device",
-        libc::S_IFBLK => "block device",
-        _ => "special file",
+/// The kind of a file, for messages ("FIFO", "socket", …).
+pub fn kind_of(t: &std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if t.is_file() {
+        "regular file"
+    } else if t.is_dir() {
+        "directory"
+    } else if t.is_symlink() {
+        "symlink"
+    } else if t.is_fifo() {
+        "FIFO"
+    } else if t.is_socket() {
+        "socket"
+    } else if t.is_char_device() {
+        "character device"
+    } else if t.is_block_device() {
+        "block device"
+    } else {
+        "special file"
     }
 }
 
@@ -75,16 +83,11 @@ impl Dir {
     /// Opens a directory the user named (symlinks in the path are the user's choice).
     pub fn open(path: &Path) -> io::Result<Dir> {
         let c = cstr(path.as_os_str())?;
-        // SAFETY: open with a valid C string; the descriptor is owned below.
-        let fd = check(unsafe {
-            libc::open(
-                c.as_ptr(),
-                libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
-            )
-        })?;
+        let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC;
+        // SAFETY: open with a valid C string.
+        let fd = owned(unsafe { libc::open(c.as_ptr(), flags) })?;
         Ok(Dir {
-            // SAFETY: fd was just returned by open and is owned by nobody else.
-            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+            fd,
             path: path.to_path_buf(),
         })
     }
@@ -109,32 +112,31 @@ impl Dir {
                 }
             }
         }
-        // SAFETY: openat with our directory descriptor and a valid C string.
-        let fd = unsafe {
-            libc::openat(
-                self.fd.as_raw_fd(),
-                c.as_ptr(),
-                libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
-            )
-        };
-        if fd < 0 {
-            let e = io::Error::last_os_error();
-            return Err(match e.raw_os_error() {
-                Some(libc::ELOOP) | Some(libc::ENOTDIR) => io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    format!(
-                        "{} is not a directory (a symlink or file in its place is never followed): remove it or choose another target",
-                        self.path.join(name).display()
-                    ),
+        let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+        let fd = self.openat(&c, flags, 0).map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) | Some(libc::ENOTDIR) => io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "{} is not a directory (a symlink or file in its place is never followed): remove it or choose another target",
+                    self.path.join(name).display()
                 ),
-                _ => e,
-            });
-        }
+            ),
+            _ => e,
+        })?;
         Ok(Dir {
-            // SAFETY: fd was just returned by openat.
-            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+            fd,
             path: self.path.join(name),
         })
+    }
+
+    fn openat(
+        &self,
+        name: &CString,
+        flags: libc::c_int,
+        mode: libc::c_uint,
+    ) -> io::Result<OwnedFd> {
+        // SAFETY: openat with our directory descriptor and a valid C string.
+        owned(unsafe { libc::openat(self.fd.as_raw_fd(), name.as_ptr(), flags, mode) })
     }
 
     /// The directory's path, for messages and for programs that open by path.
@@ -150,18 +152,9 @@ impl Dir {
     /// Creates the new file `name` (`O_CREAT|O_EXCL|O_NOFOLLOW`): fails if anything,
     /// a symlink included, exists at that name.
     pub fn create_new(&self, name: &str) -> io::Result<File> {
-        let c = component(name)?;
-        // SAFETY: openat with our directory descriptor and a valid C string.
-        let fd = check(unsafe {
-            libc::openat(
-                self.fd.as_raw_fd(),
-                c.as_ptr(),
-                libc::O_RDWR | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC,
-                0o666 as libc::c_uint,
-            )
-        })?;
-        // SAFETY: fd was just returned by openat.
-        Ok(unsafe { File::from_raw_fd(fd) })
+        let flags =
+            libc::O_RDWR | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+        Ok(File::from(self.openat(&component(name)?, flags, 0o666)?))
     }
 
     /// Metadata of `name` without following a symlink; None when nothing is there.
@@ -304,32 +297,27 @@ impl Dir {
     /// Reads the regular file `name` (not through a symlink), at most `max` bytes; None
     /// when it does not exist.
     pub fn read_small(&self, name: &str, max: u64) -> io::Result<Option<Vec<u8>>> {
-        let c = component(name)?;
-        // SAFETY: openat with our directory descriptor and a valid C string.
-        let fd = unsafe {
-            libc::openat(
-                self.fd.as_raw_fd(),
-                c.as_ptr(),
-                libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC,
-            )
+        let flags = libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC;
+        let path = self.join(name);
+        let fd = match self.openat(&component(name)?, flags, 0) {
+            Ok(fd) => fd,
+            Err(e) => {
+                return match e.raw_os_error() {
+                    Some(libc::ENOENT) => Ok(None),
+                    Some(libc::ELOOP) => Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!(
+                            "{} is a symlink, which is never followed here: remove it",
+                            path.display()
+                        ),
+                    )),
+                    _ => Err(e),
+                }
+            }
         };
-        if fd < 0 {
-            let e = io::Error::last_os_error();
-            return match e.raw_os_error() {
-                Some(libc::ENOENT) => Ok(None),
-                Some(libc::ELOOP) => Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!(
-                        "{} is a symlink, which is never followed here: remove it",
-                        self.join(name).display()
-                    ),
-                )),
-                _ => Err(e),
-            };
-        }
-        // SAFETY: fd was just returned by openat.
-        let f = unsafe { File::from_raw_fd(fd) };
-        read_checked(f, &self.join(name), max).map(Some)
+        let f = File::from(fd);
+        let size = regular_size(&f, &path)?;
+        read_bounded(f, size, &path, max).map(Some)
     }
 
     /// Flushes the directory itself (new names, renames) to disk; best effort.
@@ -345,61 +333,53 @@ impl Dir {
 /// regular file.
 pub fn open_regular(path: &Path) -> io::Result<File> {
     let c = cstr(path.as_os_str())?;
+    let flags = libc::O_RDONLY | libc::O_NONBLOCK | libc::O_CLOEXEC;
     // SAFETY: open with a valid C string.
-    let fd = check(unsafe {
-        libc::open(
-            c.as_ptr(),
-            libc::O_RDONLY | libc::O_NONBLOCK | libc::O_CLOEXEC,
-        )
-    })?;
-    // SAFETY: fd was just returned by open.
-    let f = unsafe { File::from_raw_fd(fd) };
-    let st = fstat(f.as_raw_fd())?;
-    if st.st_mode & libc::S_IFMT != libc::S_IFREG {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!(
-                "{} is a {}, not a regular file: not reading it",
-                path.display(),
-                kind_of(st.st_mode)
-            ),
-        ));
-    }
+    let f = File::from(owned(unsafe { libc::open(c.as_ptr(), flags) })?);
+    regular_size(&f, path)?;
     Ok(f)
 }
 
 /// Reads a regular file of at most `max` bytes (see [`open_regular`]); None when missing.
 pub fn read_small(path: &Path, max: u64) -> io::Result<Option<Vec<u8>>> {
     match open_regular(path) {
-        Ok(f) => read_checked(f, path, max).map(Some),
+        Ok(f) => {
+            let size = f.metadata()?.len();
+            read_bounded(f, size, path, max).map(Some)
+        }
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e),
     }
 }
 
-fn read_checked(f: File, path: &Path, max: u64) -> io::Result<Vec<u8>> {
-    let st = fstat(f.as_raw_fd())?;
-    if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+/// The size of an opened file, which must be a regular file (checked on the descriptor).
+fn regular_size(f: &File, path: &Path) -> io::Result<u64> {
+    let m = f.metadata()?;
+    if !m.file_type().is_file() {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
             format!(
                 "{} is a {}, not a regular file: not reading it",
                 path.display(),
-                kind_of(st.st_mode)
+                kind_of(&m.file_type())
             ),
         ));
     }
-    if st.st_size as u64 > max {
+    Ok(m.len())
+}
+
+/// Reads a regular file of `size` bytes whole, refusing more than `max`.
+fn read_bounded(f: File, size: u64, path: &Path, max: u64) -> io::Result<Vec<u8>> {
+    if size > max {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
             format!(
-                "{} is {} bytes, more than the {max} such a file can be: not reading it",
-                path.display(),
-                st.st_size
+                "{} is {size} bytes, more than the {max} such a file can be: not reading it",
+                path.display()
             ),
         ));
     }
-    let mut out = Vec::with_capacity(st.st_size as usize);
+    let mut out = Vec::with_capacity(size as usize);
     f.take(max + 1).read_to_end(&mut out)?;
     if out.len() as u64 > max {
         return Err(io::Error::new(
@@ -412,16 +392,18 @@ fn read_checked(f: File, path: &Path, max: u64) -> io::Result<Vec<u8>> {
 
 /// The identity of an open file: (device, inode).
 pub fn identity(f: &File) -> io::Result<(u64, u64)> {
-    let st = fstat(f.as_raw_fd())?;
-    Ok((st.st_dev, st.st_ino))
+    use std::os::unix::fs::MetadataExt;
+    let m = f.metadata()?;
+    Ok((m.dev(), m.ino()))
 }
 
-/// Whether `path` (its last component not followed) names the open file `f`: after a
-/// program opened a file we created by its path, this tells that it opened ours.
-pub fn path_names(path: &Path, f: &File) -> io::Result<bool> {
-    let m = std::fs::symlink_metadata(path)?;
+/// Whether `path` (its last component not followed) names the regular file whose
+/// [`identity`] is `id`: after a program opened a file we created by its path, this tells
+/// that it opened ours.
+pub fn path_is(path: &Path, id: (u64, u64)) -> bool {
     use std::os::unix::fs::MetadataExt;
-    Ok(m.file_type().is_file() && (m.dev(), m.ino()) == identity(f)?)
+    std::fs::symlink_metadata(path)
+        .is_ok_and(|m| m.file_type().is_file() && (m.dev(), m.ino()) == id)
 }
 
 #[cfg(test)]

@@ -76,19 +76,24 @@ pub fn compute_runs(image: &Path) -> Result<(u64, Vec<Run>)> {
         while pos < end {
             let run_end = ((pos / RUN_SIZE) + 1) * RUN_SIZE;
             let run_end = run_end.min(end);
-            let mut h = crc32fast::Hasher::new();
-            let mut p = pos;
-            while p < run_end {
-                let n = (buf.len() as u64).min(run_end - p) as usize;
-                chain.read_at(&mut buf[..n], p)?;
-                h.update(&buf[..n]);
-                p += n as u64;
-            }
-            runs.push((pos, run_end - pos, format!("{:08x}", h.finalize())));
+            runs.push((pos, run_end - pos, crc_of(&chain, pos, run_end, &mut buf)?));
             pos = run_end;
         }
     }
     Ok((chain.virtual_size(), runs))
+}
+
+/// The CRC32 of the guest range `start..end` of `chain`, as 8 hex digits, read through `buf`.
+fn crc_of(chain: &Chain, start: u64, end: u64, buf: &mut [u8]) -> Result<String> {
+    let mut h = crc32fast::Hasher::new();
+    let mut p = start;
+    while p < end {
+        let n = (buf.len() as u64).min(end - p) as usize;
+        chain.read_at(&mut buf[..n], p)?;
+        h.update(&buf[..n]);
+        p += n as u64;
+    }
+    Ok(format!("{:08x}", h.finalize()))
 }
 
 /// Builds the runs of a manifest from data as it is written (in guest order), so an image
@@ -302,7 +307,7 @@ pub fn load_manifest(image: &Path) -> Result<Option<Manifest>> {
 /// its checksum, and nothing between them allocated. Ok(None) when there is no manifest;
 /// Err describes the first difference (file and guest offset).
 pub fn verify_manifest(image: &Path) -> Result<Option<ManifestHeader>> {
-    if !manifest_path(image).exists() && manifest_path(image).symlink_metadata().is_err() {
+    if manifest_path(image).symlink_metadata().is_err() {
         return Ok(None);
     }
     let chain = open_alone(image)?;
@@ -343,15 +348,7 @@ pub fn verify_manifest(image: &Path) -> Result<Option<ManifestHeader>> {
                 "{name}: the manifest records data at guest offset {off:#x} that the image no longer has"
             );
         }
-        let mut h = crc32fast::Hasher::new();
-        let mut p = start;
-        while p < end {
-            let n = (buf.len() as u64).min(end - p) as usize;
-            chain.read_at(&mut buf[..n], p)?;
-            h.update(&buf[..n]);
-            p += n as u64;
-        }
-        let found = format!("{:08x}", h.finalize());
+        let found = crc_of(&chain, start, end, &mut buf)?;
         if found != crc {
             bail!(
                 "{name}: checksum mismatch in guest range {start:#x}..{end:#x} (bit rot or damage): recorded {crc}, found {found}"

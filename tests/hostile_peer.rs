@@ -432,14 +432,32 @@ impl Running {
     }
 }
 
-fn wait_for_jobs(fake: &FakeQemu) {
+/// Waits (at most 20 s) until the fake's state satisfies `started`, then a little longer:
+/// the bitmap cut is a transaction too, and the one that starts the jobs follows it.
+fn wait_for(fake: &FakeQemu, started: impl Fn(&testkit::fake_qmp::State) -> bool) {
     let start = Instant::now();
-    while !fake.received("transaction") || fake.state.lock().unwrap().jobs.is_empty() {
+    while !started(&fake.state.lock().unwrap()) {
         assert!(start.elapsed() < Duration::from_secs(20), "no job started");
         std::thread::sleep(Duration::from_millis(20));
     }
-    // The bitmap cut is a transaction too: wait for the one that starts the jobs.
     std::thread::sleep(Duration::from_millis(300));
+}
+
+fn wait_for_jobs(fake: &FakeQemu) {
+    wait_for(fake, |st| !st.jobs.is_empty());
+}
+
+/// A run stopped by a signal: it must fail within `within`, saying what it left in QEMU
+/// and how to remove it. Returns its stderr.
+fn assert_left_within(r: &mut Running, within: Duration) -> String {
+    let (code, err, took) = r.wait(Duration::from_secs(30));
+    assert_ne!(code, 0, "{err}");
+    assert!(took < within, "{took:?}: {err}");
+    assert!(
+        err.contains("left in QEMU") && err.contains("qmpbackup cleanup"),
+        "{err}"
+    );
+    err
 }
 
 fn stuck_fake(dir: &Path, jobs: Jobs) -> FakeQemu {
@@ -458,15 +476,8 @@ fn sigterm_with_a_job_that_never_ends_leaves_within_the_cancel_timeout() {
     let mut r = Running::start(&fake, tmp.path(), &["--cancel-timeout", "2"]);
     wait_for_jobs(&fake);
     r.signal(libc::SIGTERM);
-    let (code, err, took) = r.wait(Duration::from_secs(20));
-    assert_ne!(code, 0, "{err}");
-    assert!(took < Duration::from_secs(10), "{took:?}: {err}");
-    assert!(
-        err.contains("left in QEMU")
-            && err.contains("block job qmpb-0")
-            && err.contains("qmpbackup cleanup"),
-        "{err}"
-    );
+    let err = assert_left_within(&mut r, Duration::from_secs(10));
+    assert!(err.contains("block job qmpb-0"), "{err}");
     // The run's files are gone; nothing else was written to the target.
     let t = tmp.path().join("t");
     assert!(
@@ -487,13 +498,7 @@ fn a_second_signal_leaves_at_once() {
     r.signal(libc::SIGINT);
     std::thread::sleep(Duration::from_millis(500));
     r.signal(libc::SIGINT);
-    let (code, err, took) = r.wait(Duration::from_secs(20));
-    assert_ne!(code, 0, "{err}");
-    assert!(took < Duration::from_secs(5), "{took:?}: {err}");
-    assert!(
-        err.contains("left in QEMU") && err.contains("qmpbackup cleanup"),
-        "{err}"
-    );
+    assert_left_within(&mut r, Duration::from_secs(5));
 }
 
 #[test]
@@ -501,20 +506,9 @@ fn sigterm_while_qemu_answers_nothing_leaves_within_the_cancel_timeout() {
     let tmp = tempfile::tempdir().unwrap();
     let fake = stuck_fake(tmp.path(), Jobs::SilentAfterStart);
     let mut r = Running::start(&fake, tmp.path(), &["--cancel-timeout", "2"]);
-    let start = Instant::now();
-    while !fake.state.lock().unwrap().silent {
-        assert!(start.elapsed() < Duration::from_secs(20), "no job started");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    std::thread::sleep(Duration::from_millis(300));
+    wait_for(&fake, |st| st.silent);
     r.signal(libc::SIGTERM);
-    let (code, err, took) = r.wait(Duration::from_secs(30));
-    assert_ne!(code, 0, "{err}");
-    assert!(took < Duration::from_secs(10), "{took:?}: {err}");
-    assert!(
-        err.contains("left in QEMU") && err.contains("qmpbackup cleanup"),
-        "{err}"
-    );
+    assert_left_within(&mut r, Duration::from_secs(10));
 }
 
 #[test]

@@ -256,7 +256,6 @@ pub async fn backup(
         }
         p.fleecing = fleecing_ok && p.disk.qdev.is_some() && !p.disk.pflash;
         let dir = layout.open_disk_dir(&p.disk.name, true)?;
-        p.dir = dir.path().to_path_buf();
         let name = layout.file_name(level, &p.disk.name);
         p.final_path = dir.join(&name);
         p.partial_path = dir.join(&format!("{name}.partial"));

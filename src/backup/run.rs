@@ -37,7 +37,6 @@ pub struct Planned {
     pub persistent: bool,
     /// Remove an existing bitmap of the same name in the cut (new FULL over a broken chain).
     pub replace_bitmap: bool,
-    pub dir: PathBuf,
     pub final_path: PathBuf,
     pub partial_path: PathBuf,
     pub fleece_path: Option<PathBuf>,
@@ -61,7 +60,6 @@ impl Planned {
             fleecing: false,
             persistent: true,
             replace_bitmap: false,
-            dir: PathBuf::new(),
             final_path: PathBuf::new(),
             partial_path: PathBuf::new(),
             fleece_path: None,
@@ -195,11 +193,8 @@ async fn check_abort(abort: &AbortFlag) -> Result<()> {
 /// After QEMU opened a file we created by its path: the path must still name that file,
 /// else someone replaced it in between and QEMU writes elsewhere.
 fn check_opened(path: &std::path::Path, identity: Option<(u64, u64)>) -> Result<()> {
-    use std::os::unix::fs::MetadataExt;
     let Some(id) = identity else { return Ok(()) };
-    let ok = std::fs::symlink_metadata(path)
-        .is_ok_and(|m| m.file_type().is_file() && (m.dev(), m.ino()) == id);
-    if !ok {
+    if !crate::fsutil::path_is(path, id) {
         bail!(
             "{}: no longer the file qmpbackup created (replaced while QEMU opened it?); aborting, nothing of this run is kept",
             path.display()

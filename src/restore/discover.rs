@@ -198,7 +198,7 @@ impl Directory {
                     report::warn(format!(
                         "{}: a {}, not a backup file: skipped",
                         path.display(),
-                        special_kind(&t)
+                        crate::fsutil::kind_of(&t)
                     ));
                     continue;
                 }
@@ -294,19 +294,4 @@ pub fn is_side_file(name: &str) -> bool {
         .any(|s| name.ends_with(s))
         || name.contains(".partial.failed-")
         || name.starts_with('.')
-}
-
-fn special_kind(t: &std::fs::FileType) -> &'static str {
-    use std::os::unix::fs::FileTypeExt;
-    if t.is_fifo() {
-        "FIFO"
-    } else if t.is_socket() {
-        "socket"
-    } else if t.is_block_device() {
-        "block device"
-    } else if t.is_char_device() {
-        "character device"
-    } else {
-        "special file"
-    }
 }
