@@ -81,6 +81,28 @@ pub fn clone_range(
     })
 }
 
+/// The kind of a file, for messages ("FIFO", "socket", "block device", …).
+pub fn kind_of(t: &std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if t.is_file() {
+        "regular file"
+    } else if t.is_dir() {
+        "directory"
+    } else if t.is_symlink() {
+        "symlink"
+    } else if t.is_fifo() {
+        "FIFO"
+    } else if t.is_socket() {
+        "socket"
+    } else if t.is_char_device() {
+        "character device"
+    } else if t.is_block_device() {
+        "block device"
+    } else {
+        "special file"
+    }
+}
+
 /// A plain file, using positioned I/O so readers can share it.
 pub struct FileStorage {
     file: File,
@@ -101,20 +123,9 @@ impl FileStorage {
             .open(path)?;
         let t = file.metadata()?.file_type();
         if !(t.is_file() || t.is_block_device()) {
-            let kind = if t.is_dir() {
-                "a directory"
-            } else if t.is_fifo() {
-                "a FIFO"
-            } else if t.is_socket() {
-                "a socket"
-            } else if t.is_char_device() {
-                "a character device"
-            } else {
-                "a special file"
-            };
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
-                format!("{kind}, not an image file"),
+                format!("a {}, not an image file", kind_of(&t)),
             ));
         }
         // Blocking I/O from here on (a block device honours O_NONBLOCK for nothing we do,
