@@ -7,7 +7,7 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use qcow2::create::{create_qcow2, CreateOptions};
 use qcow2::ops::commit::{commit, CommitOptions};
 use qcow2::ops::convert::{to_qcow2, Qcow2ConvertOptions};
-use qcow2::write::OpenRwOptions;
+use qcow2::OpenRwOptions;
 use qcow2::{Chain, OpenOptions, Qcow2};
 use std::path::{Path, PathBuf};
 

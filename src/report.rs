@@ -36,7 +36,7 @@ fn mirror(level: &str, prio: u8, msg: &str) {
         let _ = writeln!(
             f,
             "{} {level} {msg}",
-            qcow2::ops::info::format_utc(ts as i64)
+            crate::humanize::format_utc(ts as i64)
         );
     }
     if let Some(s) = SYSLOG.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
@@ -85,5 +85,5 @@ pub fn debug(msg: impl AsRef<str>) {
 
 /// Bytes in a human unit (KiB, MiB, GiB...).
 pub fn bytes(n: u64) -> String {
-    qcow2::ops::info::human_size(n)
+    crate::humanize::human_size(n)
 }

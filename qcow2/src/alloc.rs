@@ -3,7 +3,7 @@
 //! deferred until the metadata that dropped the reference is on disk. A crash may leak
 //! clusters; it never leaves a referenced cluster with a refcount of 0.
 
-use crate::error::{Error, Result};
+use crate::error::{Error, IoContext, Result};
 use crate::format::header::MAX_REFTABLE_BYTES;
 use crate::format::refcount;
 use crate::storage::Storage;
@@ -44,9 +44,11 @@ impl Refcounts {
         let cs = 1u64 << cluster_bits;
         let n = (reftable_clusters as u64 * cs / 8) as usize;
         let mut raw = vec![0u8; n * 8];
-        storage
-            .read_at(&mut raw, reftable_offset)
-            .map_err(|e| Error::io(path, "reading refcount table", reftable_offset, e))?;
+        storage.read_at(&mut raw, reftable_offset).at(
+            path,
+            "reading refcount table",
+            reftable_offset,
+        )?;
         let mut reftable = vec![0u64; n];
         BE::read_u64_into(&raw, &mut reftable);
         Ok(Refcounts {
@@ -95,7 +97,7 @@ impl Refcounts {
             let mut b = vec![0u8; self.cluster_size() as usize];
             storage
                 .read_at(&mut b, off)
-                .map_err(|e| Error::io(&self.path, "reading refcount block", off, e))?;
+                .at(&self.path, "reading refcount block", off)?;
             self.blocks.insert(off, b);
         }
         Ok(())
@@ -119,10 +121,13 @@ impl Refcounts {
     /// as needed.
     pub fn set(&mut self, storage: &dyn Storage, idx: u64, value: u64) -> Result<()> {
         if value > self.max {
-            return Err(Error::Request(format!(
-                "refcount of cluster {idx} would exceed {} (refcount_bits too small)",
-                self.max
-            )));
+            return Err(Error::usage(
+                &self.path,
+                format!(
+                    "refcount of cluster {idx} would exceed {} (refcount_bits too small)",
+                    self.max
+                ),
+            ));
         }
         let ri = (idx / self.epb) as usize;
         let off = match self.block_offset(ri) {
@@ -209,11 +214,13 @@ impl Refcounts {
         let want = min_entries.max(self.reftable.len() * 2).max(per_cluster);
         let new_len = want.div_ceil(per_cluster) * per_cluster;
         if new_len as u64 * 8 > MAX_REFTABLE_BYTES {
-            return Err(Error::Request(format!(
-                "{}: refcount table would exceed {} MiB (image too large for its cluster size)",
-                self.path,
-                MAX_REFTABLE_BYTES >> 20
-            )));
+            return Err(Error::usage(
+                &self.path,
+                format!(
+                    "refcount table would exceed {} MiB (image too large for its cluster size)",
+                    MAX_REFTABLE_BYTES >> 20
+                ),
+            ));
         }
         let old_offset = self.reftable_offset;
         let old_clusters = self.reftable_clusters() as u64;
@@ -290,7 +297,7 @@ impl Refcounts {
             let b = &self.blocks[&off];
             storage
                 .write_at(b, off)
-                .map_err(|e| Error::io(&self.path, "writing refcount block", off, e))?;
+                .at(&self.path, "writing refcount block", off)?;
             wrote = true;
         }
         if self.reftable_dirty {

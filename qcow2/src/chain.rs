@@ -1,9 +1,9 @@
 //! A backing chain: the top image and everything below it, opened read-only, mapped and read
 //! as one virtual disk.
 
-use crate::error::{Error, Result};
+use crate::error::{Error, IoContext, Result};
 use crate::format::header::MAGIC;
-use crate::image::{resolve_relative, Qcow2, Run};
+use crate::image::{resolve_relative, Backing, Qcow2};
 use crate::mapping::{Extent, ExtentKind};
 use crate::storage::{FileStorage, Storage};
 use std::collections::HashSet;
@@ -48,11 +48,8 @@ pub struct Raw {
 impl Raw {
     pub fn open(path: &Path) -> Result<Raw> {
         let display = path.display().to_string();
-        let s =
-            FileStorage::open(path, false).map_err(|e| Error::file(&display, "cannot open", e))?;
-        let size = s
-            .len()
-            .map_err(|e| Error::io(&display, "getting file length", 0, e))?;
+        let s = FileStorage::open(path, false).on_file(&display, "cannot open")?;
+        let size = s.len().at(&display, "getting file length", 0)?;
         Ok(Raw {
             path: display,
             storage: Arc::new(s),
@@ -111,10 +108,10 @@ impl Layer {
         }
     }
 
-    fn block_status(&self, guest: u64, max_len: u64) -> Result<(u64, Run)> {
+    fn block_status(&self, guest: u64, max_len: u64) -> Result<(u64, ExtentKind)> {
         match self {
             Layer::Qcow2(q) => q.block_status(guest, max_len),
-            Layer::Raw(_) => Ok((max_len, Run::Data { host: guest })),
+            Layer::Raw(_) => Ok((max_len, ExtentKind::Data { host: guest })),
         }
     }
 
@@ -124,7 +121,7 @@ impl Layer {
             Layer::Raw(r) => r
                 .storage
                 .read_at(buf, host)
-                .map_err(|e| Error::io(&r.path, "reading data", host, e)),
+                .at(&r.path, "reading data", host),
         }
     }
 }
@@ -132,10 +129,9 @@ impl Layer {
 /// Detects the format from the first bytes: qcow2 by its magic, anything else is raw.
 pub fn probe_format(path: &Path) -> Result<Format> {
     let display = path.display().to_string();
-    let s = FileStorage::open(path, false).map_err(|e| Error::file(&display, "cannot open", e))?;
+    let s = FileStorage::open(path, false).on_file(&display, "cannot open")?;
     let mut magic = [0u8; 4];
-    s.read_at(&mut magic, 0)
-        .map_err(|e| Error::io(&display, "reading header", 0, e))?;
+    s.read_at(&mut magic, 0).at(&display, "reading header", 0)?;
     Ok(if u32::from_be_bytes(magic) == MAGIC {
         Format::Qcow2
     } else {
@@ -162,8 +158,8 @@ impl Chain {
         let mut seen = HashSet::new();
         let mut next: Option<(PathBuf, Option<Format>)> = Some((path.to_path_buf(), opts.format));
         while let Some((p, fmt)) = next.take() {
-            let canon = std::fs::canonicalize(&p)
-                .map_err(|e| Error::file(p.display().to_string(), "cannot open", e))?;
+            let canon =
+                std::fs::canonicalize(&p).on_file(&p.display().to_string(), "cannot open")?;
             if !seen.insert(canon) {
                 return Err(Error::invalid(
                     p.display().to_string(),
@@ -208,7 +204,7 @@ impl Chain {
 
     pub fn from_layers(layers: Vec<Layer>) -> Result<Chain> {
         if layers.is_empty() {
-            return Err(Error::Request("a chain needs at least one image".into()));
+            return Err(Error::bad_request("a chain needs at least one image"));
         }
         Ok(Chain { layers })
     }
@@ -291,28 +287,16 @@ impl Chain {
                 );
                 return Ok(());
             }
-            let (n, run) = layer.block_status(off, len.min(size - off))?;
+            let (n, kind) = layer.block_status(off, len.min(size - off))?;
             let n = n.min(len);
-            match run {
-                Run::Unallocated if depth + 1 < self.layers.len() => {
+            match kind {
+                ExtentKind::Unallocated if depth + 1 < self.layers.len() => {
                     self.map_layer(depth + 1, off, n, limit, stop_at, out)?;
                     if out.last().is_some_and(|e| e.end() < off + n) {
                         return Ok(()); // the limit stopped the lower layer
                     }
                 }
                 _ => {
-                    let kind = match run {
-                        Run::Unallocated => ExtentKind::Unallocated,
-                        Run::Zero { host } => ExtentKind::Zero { host },
-                        Run::Data { host } => ExtentKind::Data { host },
-                        Run::Compressed {
-                            desc,
-                            offset_in_cluster,
-                        } => ExtentKind::Compressed {
-                            desc,
-                            offset_in_cluster,
-                        },
-                    };
                     push_merged(
                         out,
                         Extent {
@@ -387,9 +371,12 @@ impl Chain {
                 desc,
                 offset_in_cluster,
             } => {
-                let q = self.layers[e.depth]
-                    .as_qcow2()
-                    .ok_or_else(|| Error::Request("compressed extent in a raw layer".into()))?;
+                let q = self.layers[e.depth].as_qcow2().ok_or_else(|| {
+                    Error::internal(
+                        self.layers[e.depth].path(),
+                        "compressed extent in a raw layer",
+                    )
+                })?;
                 q.read_compressed(buf, desc, offset_in_cluster + delta)
             }
         }
@@ -402,10 +389,13 @@ impl Chain {
             .checked_add(len)
             .is_none_or(|e| e > self.virtual_size())
         {
-            return Err(Error::Request(format!(
-                "read of {len} bytes at {offset:#x} is past the end of the disk ({} bytes)",
-                self.virtual_size()
-            )));
+            return Err(Error::usage(
+                self.top().path(),
+                format!(
+                    "read of {len} bytes at {offset:#x} is past the end of the disk ({} bytes)",
+                    self.virtual_size()
+                ),
+            ));
         }
         self.read_mapped(&self.map(offset, len)?, buf, offset)
     }
@@ -420,6 +410,21 @@ impl Chain {
             self.read_extent(e, s, b)?;
         }
         Ok(())
+    }
+}
+
+/// A chain that may be absent, as what an image's writes see below it.
+pub fn as_backing(chain: Option<&Chain>) -> Option<&dyn Backing> {
+    chain.map(|c| c as &dyn Backing)
+}
+
+impl Backing for Chain {
+    fn virtual_size(&self) -> u64 {
+        Chain::virtual_size(self)
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        Chain::read_at(self, buf, offset)
     }
 }
 

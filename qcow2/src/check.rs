@@ -3,14 +3,15 @@
 //! entries and COPIED flags are corruptions.
 
 use crate::cache::LruCache;
-use crate::error::{Error, Result};
+use crate::error::{IoContext, Result};
 use crate::format::entry::{
     self, CompressedDesc, L1E_RESERVED_MASK, L2E_OFFSET_MASK, L2E_RESERVED_MASK, OFLAG_COMPRESSED,
     OFLAG_COPIED, OFLAG_ZERO,
 };
 use crate::format::refcount;
 use crate::format::snapshot;
-use crate::image::{read_table, Qcow2};
+use crate::image::tables::read_table;
+use crate::image::Qcow2;
 use serde::Serialize;
 use std::sync::Arc;
 
@@ -161,10 +162,11 @@ impl<'a> RefcountReader<'a> {
             return Ok(b);
         }
         let mut raw = vec![0u8; self.img.cluster_size() as usize];
-        self.img
-            .storage()
-            .read_at(&mut raw, offset)
-            .map_err(|e| Error::io(self.img.path(), "reading refcount block", offset, e))?;
+        self.img.storage().read_at(&mut raw, offset).at(
+            self.img.path(),
+            "reading refcount block",
+            offset,
+        )?;
         let b = Arc::new(raw);
         self.blocks.insert(offset, b.clone());
         Ok(b)

@@ -1,6 +1,6 @@
 //! Creating images: qcow2 with qemu-img's defaults and options, or raw.
 
-use crate::error::{Error, Result};
+use crate::error::{Error, IoContext, Result};
 use crate::format::header::{
     CompressionType, Header, COMPAT_LAZY_REFCOUNTS, INCOMPAT_COMPRESSION, INCOMPAT_EXTL2,
     MAX_CLUSTER_BITS, MIN_CLUSTER_BITS, V2_HEADER_LEN, V3_HEADER_LEN,
@@ -43,7 +43,7 @@ impl Default for CreateOptions {
 impl CreateOptions {
     /// Applies one `-o key=value` option in qemu-img's spelling.
     pub fn set(&mut self, key: &str, value: &str) -> Result<()> {
-        let bad = || Error::Request(format!("invalid value {value:?} for option {key}"));
+        let bad = || Error::bad_request(format!("invalid value {value:?} for option {key}"));
         let onoff = |v: &str| match v {
             "on" | "true" => Ok(true),
             "off" | "false" => Ok(false),
@@ -70,7 +70,7 @@ impl CreateOptions {
             }
             "size" => self.size = parse_size(value).ok_or_else(bad)?,
             _ => {
-                return Err(Error::Request(format!(
+                return Err(Error::bad_request(format!(
                     "unknown option {key} (known: cluster_size, compat, refcount_bits, lazy_refcounts, extended_l2, compression_type, size)"
                 )))
             }
@@ -83,7 +83,7 @@ impl CreateOptions {
         for item in list.split(',').filter(|s| !s.is_empty()) {
             let (k, v) = item
                 .split_once('=')
-                .ok_or_else(|| Error::Request(format!("option {item:?} needs a value")))?;
+                .ok_or_else(|| Error::bad_request(format!("option {item:?} needs a value")))?;
             self.set(k.trim(), v.trim())?;
         }
         Ok(())
@@ -93,18 +93,18 @@ impl CreateOptions {
         check_image_size(self.size)?;
         let cs = self.cluster_size;
         if !cs.is_power_of_two() {
-            return Err(Error::Request(format!(
+            return Err(Error::bad_request(format!(
                 "cluster size {cs} is not a power of two"
             )));
         }
         let bits = cs.trailing_zeros();
         if !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&bits) {
-            return Err(Error::Request(format!(
+            return Err(Error::bad_request(format!(
                 "cluster size must be between 512 and 2M, not {cs}"
             )));
         }
         if !self.refcount_bits.is_power_of_two() || self.refcount_bits > 64 {
-            return Err(Error::Request(format!(
+            return Err(Error::bad_request(format!(
                 "refcount_bits must be a power of two up to 64, not {}",
                 self.refcount_bits
             )));
@@ -115,13 +115,13 @@ impl CreateOptions {
                 || self.extended_l2
                 || self.compression != CompressionType::Zlib)
         {
-            return Err(Error::Request(
-                "compat=0.10 images cannot have lazy refcounts, refcount_bits other than 16, extended L2 or zstd".into(),
+            return Err(Error::bad_request(
+                "compat=0.10 images cannot have lazy refcounts, refcount_bits other than 16, extended L2 or zstd",
             ));
         }
         if self.extended_l2 && cs < 16384 {
-            return Err(Error::Request(
-                "extended L2 entries need a cluster size of at least 16384 bytes".into(),
+            return Err(Error::bad_request(
+                "extended L2 entries need a cluster size of at least 16384 bytes",
             ));
         }
         Ok(bits)
@@ -135,7 +135,7 @@ pub const MAX_IMAGE_SIZE: u64 = i64::MAX as u64;
 /// Refuses sizes qemu-img refuses, before any arithmetic on them.
 pub fn check_image_size(size: u64) -> Result<()> {
     if size > MAX_IMAGE_SIZE {
-        return Err(Error::Request(format!(
+        return Err(Error::bad_request(format!(
             "invalid image size {size}: must be between 0 and {MAX_IMAGE_SIZE}"
         )));
     }
@@ -177,8 +177,7 @@ pub fn parse_size(s: &str) -> Option<u64> {
 /// writing. Layout as qemu-img: header, refcount table, refcount block, L1.
 pub fn create_qcow2(path: &Path, opts: &CreateOptions) -> Result<Qcow2> {
     let display = path.display().to_string();
-    let storage =
-        FileStorage::create_new(path).map_err(|e| Error::file(&display, "cannot create", e))?;
+    let storage = FileStorage::create_new(path).on_file(&display, "cannot create")?;
     match init_qcow2(Arc::new(storage), &display, path.parent(), opts) {
         Ok(img) => Ok(img),
         Err(e) => {
@@ -239,7 +238,7 @@ pub fn init_qcow2(
     }
     let l1_entries = h.required_l1_entries();
     if l1_entries * 8 > crate::format::header::MAX_L1_BYTES {
-        return Err(Error::Request(format!(
+        return Err(Error::bad_request(format!(
             "the image size is too large for cluster size {cs} (try a larger cluster size)"
         )));
     }

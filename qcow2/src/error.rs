@@ -33,9 +33,23 @@ pub enum Error {
         cause: io::Error,
     },
 
-    /// A request that cannot be carried out (bad argument, out-of-range offset...).
-    #[error("{0}")]
-    Request(String),
+    /// The caller asked for something that cannot be done: a bad argument or option, an
+    /// offset past the end, a name that is not there. `path` is the file it concerns, empty
+    /// when the request is about no file in particular.
+    #[error("{}{msg}", prefix(path))]
+    Usage { path: String, msg: String },
+
+    /// Not the user's doing: a bug, or a worker thread that died. `path` as for `Usage`.
+    #[error("{}internal error: {msg}", prefix(path))]
+    Internal { path: String, msg: String },
+}
+
+fn prefix(path: &str) -> String {
+    if path.is_empty() {
+        String::new()
+    } else {
+        format!("{path}: ")
+    }
 }
 
 impl Error {
@@ -69,6 +83,51 @@ impl Error {
             cause: source,
         }
     }
+
+    /// A request about `path` that cannot be carried out (see [`Error::Usage`]).
+    pub fn usage(path: impl Into<String>, msg: impl Into<String>) -> Self {
+        Error::Usage {
+            path: path.into(),
+            msg: msg.into(),
+        }
+    }
+
+    /// A request about no file in particular that cannot be carried out.
+    pub fn bad_request(msg: impl Into<String>) -> Self {
+        Error::usage("", msg)
+    }
+
+    /// Something that should not happen (see [`Error::Internal`]).
+    pub fn internal(path: impl Into<String>, msg: impl Into<String>) -> Self {
+        Error::Internal {
+            path: path.into(),
+            msg: msg.into(),
+        }
+    }
+
+    /// Whether the error is the caller's mistake rather than the image's or the system's.
+    pub fn is_usage(&self) -> bool {
+        matches!(self, Error::Usage { .. })
+    }
+}
+
+/// Adds the file and the operation to an `io::Error`: `storage.read_at(..).at(path,
+/// "reading data", offset)?` instead of a `map_err` closure at every call.
+pub trait IoContext<T> {
+    /// An I/O error at `offset` of `path`.
+    fn at(self, path: &str, op: &'static str, offset: u64) -> Result<T>;
+    /// An error opening, creating or renaming `path`.
+    fn on_file(self, path: &str, op: &'static str) -> Result<T>;
+}
+
+impl<T> IoContext<T> for io::Result<T> {
+    fn at(self, path: &str, op: &'static str, offset: u64) -> Result<T> {
+        self.map_err(|e| Error::io(path, op, offset, e))
+    }
+
+    fn on_file(self, path: &str, op: &'static str) -> Result<T> {
+        self.map_err(|e| Error::file(path, op, e))
+    }
 }
 
 /// Errors of the pure format layer (no path known there); the image layer adds the path.
@@ -83,8 +142,7 @@ impl FormatError {
 }
 
 /// Shorthand for returning a [`FormatError`] from format code.
-#[macro_export]
-#[doc(hidden)]
 macro_rules! bail_format {
     ($($arg:tt)*) => { return Err($crate::error::FormatError::new(format!($($arg)*))) };
 }
+pub(crate) use bail_format;

@@ -30,7 +30,7 @@ pub fn open_read_check(data: &[u8]) {
     let _ = chain.for_each_extent(0, chain.virtual_size(), |e| {
         extents += 1;
         if extents > MAX_EXTENTS || read > MAX_READ {
-            return Err(crate::Error::Request("fuzz budget spent".into()));
+            return Err(crate::error::Error::bad_request("fuzz budget spent"));
         }
         let n = e.len.min(buf.len() as u64);
         read += n;

@@ -1,8 +1,11 @@
 //! A native qcow2 library: read and write qcow2 images and backing chains with the semantics
 //! of QEMU's qcow2 driver and qemu-img, with no QEMU installed.
 //!
-//! Layers: [`format`] (pure codecs) → [`storage`] (bytes) → [`image`] (one image) →
-//! [`chain`] (a backing chain as one disk) → [`ops`] (info, map, check, compare, convert).
+//! Layers: [`format`] (pure codecs) → [`storage`] (bytes) → [`image`] (one image, reaching
+//! what lies below it through [`image::Backing`]) → [`chain`] (a backing chain as one disk)
+//! → [`ops`] (info, map, compare, convert, commit, rebase; copies go through [`ops::copy`]).
+//! The re-exports below are for users of the crate; inside it, items are named by their
+//! home module.
 
 pub mod alloc;
 pub mod cache;
@@ -13,16 +16,19 @@ pub mod create;
 pub mod error;
 pub mod format;
 pub mod fuzzing;
+pub mod geometry;
 pub mod image;
 pub mod lock;
 pub mod mapping;
 pub mod ops;
 pub mod repair;
 pub mod storage;
-pub mod tree;
-pub mod write;
+#[cfg(test)]
+mod testutil;
 
 pub use chain::{Chain, Format, Layer, OpenOptions};
 pub use error::{Error, Result};
-pub use image::Qcow2;
+pub use geometry::Geometry;
+pub use image::write::{HostRun, OpenRwOptions, WriteMapping};
+pub use image::{Backing, Qcow2};
 pub use mapping::{Extent, ExtentKind};

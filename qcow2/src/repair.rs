@@ -5,11 +5,11 @@
 
 use crate::alloc::Refcounts;
 use crate::check::{check, check_detailed, CheckReport};
-use crate::error::{Error, Result};
+use crate::error::{Error, IoContext, Result};
 use crate::format::header::{INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
 use crate::format::refcount;
+use crate::image::write::OpenRwOptions;
 use crate::image::Qcow2;
-use crate::write::OpenRwOptions;
 use byteorder::{BigEndian as BE, ByteOrder};
 use std::path::Path;
 
@@ -88,10 +88,13 @@ fn rebuild_refcounts(img: &mut Qcow2, computed: &[u16], old_meta: &[u64]) -> Res
         }
     }
     if let Some((i, &c)) = counts.iter().enumerate().find(|(_, &c)| c > max) {
-        return Err(Error::Request(format!(
-            "cluster {i} needs refcount {c}, more than refcount_bits={} can hold",
-            h.refcount_bits()
-        )));
+        return Err(Error::usage(
+            &img.path,
+            format!(
+                "cluster {i} needs refcount {c}, more than refcount_bits={} can hold",
+                h.refcount_bits()
+            ),
+        ));
     }
     let end = counts.len() as u64;
     // Blocks B and table T must describe [0, end + B + T).
@@ -122,7 +125,7 @@ fn rebuild_refcounts(img: &mut Qcow2, computed: &[u16], old_meta: &[u64]) -> Res
         let off = (end + k) * cs;
         storage
             .write_at(&block, off)
-            .map_err(|e| Error::io(&path, "writing refcount block", off, e))?;
+            .at(&path, "writing refcount block", off)?;
         table[k as usize] = off;
     }
     let table_off = (end + b) * cs;
@@ -130,19 +133,15 @@ fn rebuild_refcounts(img: &mut Qcow2, computed: &[u16], old_meta: &[u64]) -> Res
     BE::write_u64_into(&table, &mut raw);
     storage
         .write_at(&raw, table_off)
-        .map_err(|e| Error::io(&path, "writing refcount table", table_off, e))?;
-    storage
-        .flush()
-        .map_err(|e| Error::io(&path, "flushing", 0, e))?;
+        .at(&path, "writing refcount table", table_off)?;
+    storage.flush().at(&path, "flushing", 0)?;
     {
         let hm = img.header_mut();
         hm.refcount_table_offset = table_off;
         hm.refcount_table_clusters = t as u32;
     }
     img.write_header()?;
-    storage
-        .flush()
-        .map_err(|e| Error::io(&path, "flushing", 0, e))?;
+    storage.flush().at(&path, "flushing", 0)?;
     let fresh = Refcounts::load(
         storage.as_ref(),
         &path,

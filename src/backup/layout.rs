@@ -23,7 +23,7 @@ pub struct LayoutOptions {
 
 /// The month directory name for a Unix time: `YYYY-MM` (UTC).
 pub fn month_of(ts: u64) -> String {
-    let (y, m, _) = qcow2::ops::info::civil_from_days((ts / 86400) as i64);
+    let (y, m, _) = crate::humanize::civil_from_days((ts / 86400) as i64);
     format!("{y:04}-{m:02}")
 }
 

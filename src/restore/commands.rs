@@ -11,7 +11,7 @@ use qcow2::ops::convert::{to_qcow2_observed, Qcow2ConvertOptions};
 use qcow2::ops::rebase::{rebase as qcow2_rebase, RebaseOptions};
 use qcow2::ops::throttle::Throttle;
 use qcow2::repair::{repair, RepairMode};
-use qcow2::write::OpenRwOptions;
+use qcow2::OpenRwOptions;
 use qcow2::{check, Format, OpenOptions, Qcow2};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -557,7 +557,7 @@ fn listed(f: &BackupFile) -> ListedFile {
         file: f.name.clone(),
         level: f.level,
         timestamp: f.timestamp,
-        date: qcow2::ops::info::format_utc(f.timestamp as i64),
+        date: crate::humanize::format_utc(f.timestamp as i64),
         file_size: std::fs::metadata(&f.path).map(|m| m.len()).unwrap_or(0),
         virtual_size: open_alone(f).ok().map(|c| c.virtual_size()),
     }

@@ -85,7 +85,7 @@ impl BackupFile {
 
     /// The timestamp as `YYYY-MM-DD-HH:MM:SS` (UTC), the snapshot name snapshotrebase uses.
     pub fn snapshot_name(&self) -> String {
-        qcow2::ops::info::format_utc(self.timestamp as i64).replace(' ', "-")
+        crate::humanize::format_utc(self.timestamp as i64).replace(' ', "-")
     }
 }
 

@@ -3,6 +3,7 @@
 //! or under time and memory limits.
 
 pub mod fake_qmp;
+pub mod oracle;
 
 use std::io::Read;
 use std::os::unix::process::{CommandExt, ExitStatusExt};

@@ -1,6 +1,6 @@
 //! The persistent dirty bitmap directory (read side: names, flags, tables for refcounting).
 
-use crate::bail_format;
+use crate::error::bail_format;
 use crate::error::FormatError;
 use byteorder::{BigEndian as BE, ByteOrder};
 

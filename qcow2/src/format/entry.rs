@@ -1,6 +1,6 @@
 //! L1 and L2 table entries and compressed cluster descriptors.
 
-use crate::bail_format;
+use crate::error::bail_format;
 use crate::error::FormatError;
 
 pub const OFLAG_COPIED: u64 = 1 << 63;

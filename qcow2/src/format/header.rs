@@ -1,7 +1,7 @@
 //! The qcow2 header (v2 and v3), its extensions and the backing file name, all of which live
 //! in cluster 0. Pure functions over byte slices.
 
-use crate::bail_format;
+use crate::error::bail_format;
 use crate::error::FormatError;
 use byteorder::{BigEndian as BE, ByteOrder};
 

@@ -1,6 +1,6 @@
 //! The internal snapshot table.
 
-use crate::bail_format;
+use crate::error::bail_format;
 use crate::error::FormatError;
 use byteorder::{BigEndian as BE, ByteOrder};
 

@@ -136,8 +136,8 @@ pub fn write_human(chain: &Chain, out: &mut dyn std::io::Write) -> Result<()> {
         .map_err(io)
     };
     chain.for_each_extent(0, chain.virtual_size(), |e| match e.kind {
-        ExtentKind::Compressed { .. } => Err(Error::Request(
-            "File contains external, encrypted or compressed clusters.".into(),
+        ExtentKind::Compressed { .. } => Err(Error::bad_request(
+            "File contains external, encrypted or compressed clusters.",
         )),
         ExtentKind::Data { host } => {
             if let Some(p) = pending.as_mut() {

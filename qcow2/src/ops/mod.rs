@@ -3,10 +3,8 @@
 pub mod commit;
 pub mod compare;
 pub mod convert;
+pub mod copy;
 pub mod info;
 pub mod map;
-pub mod parallel_copy;
-mod pipeline;
 pub mod rebase;
-pub mod snapshot;
 pub mod throttle;

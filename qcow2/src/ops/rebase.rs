@@ -3,8 +3,9 @@
 
 use crate::chain::{open_backing_of, probe_format, Chain, Format, OpenOptions};
 use crate::error::{Error, Result};
-use crate::image::{resolve_relative, Qcow2, Run};
-use crate::write::OpenRwOptions;
+use crate::image::write::OpenRwOptions;
+use crate::image::{resolve_relative, Backing, Qcow2};
+use crate::mapping::ExtentKind;
 use std::path::Path;
 
 #[derive(Debug, Clone, Default)]
@@ -33,7 +34,7 @@ pub fn rebase(path: &Path, opts: &RebaseOptions) -> Result<RebaseStats> {
         (None, _) => None,
         (Some(_), Some(f)) => Some(f),
         (Some(p), None) => Some(probe_format(p).map_err(|_| {
-            Error::Request(format!(
+            Error::bad_request(format!(
                 "Could not change the backing file to '{}': backing format must be specified (-F)",
                 opts.backing
             ))
@@ -70,6 +71,8 @@ pub fn rebase(path: &Path, opts: &RebaseOptions) -> Result<RebaseStats> {
 /// Copies into `img`, cluster by cluster, whatever reads differently through the old and the
 /// new backing in ranges the image does not allocate itself.
 fn copy_differences(img: &mut Qcow2, old: Option<&Chain>, new: Option<&Chain>) -> Result<u64> {
+    let old: Option<&dyn Backing> = old.map(|c| c as _);
+    let new: Option<&dyn Backing> = new.map(|c| c as _);
     let cs = img.cluster_size();
     let size = img.virtual_size();
     let mut a = vec![0u8; cs as usize];
@@ -82,8 +85,8 @@ fn copy_differences(img: &mut Qcow2, old: Option<&Chain>, new: Option<&Chain>) -
         let mut pos = off;
         let mut has_unallocated = false;
         while pos < off + n {
-            let (len, run) = img.block_status(pos, off + n - pos)?;
-            if run == Run::Unallocated {
+            let (len, kind) = img.block_status(pos, off + n - pos)?;
+            if kind == ExtentKind::Unallocated {
                 has_unallocated = true;
                 break;
             }

@@ -1,5 +1,4 @@
 //! Shared helpers for oracle tests: run qemu-img / qemu-io, compare our results with theirs.
-#![allow(dead_code)]
 
 use qcow2::ops::{info, map};
 use qcow2::{check, Chain, OpenOptions};
@@ -9,6 +8,12 @@ use std::process::Command;
 
 pub struct Scratch {
     pub dir: tempfile::TempDir,
+}
+
+impl Default for Scratch {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl Scratch {

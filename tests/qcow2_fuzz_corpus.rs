@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 fn replay(target: &str, f: impl Fn(&[u8])) {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../fuzz/corpus")
+        .join("fuzz/corpus")
         .join(target);
     let mut n = 0;
     for entry in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {

@@ -1,9 +1,8 @@
 //! Property test: random write / zero / discard sequences applied by qemu-io to an image and
 //! to a model buffer; our read of the image equals the model.
 
-mod common;
-use common::*;
 use proptest::prelude::*;
+use testkit::oracle::*;
 
 const SIZE: u64 = 2 << 20;
 

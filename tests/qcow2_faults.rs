@@ -4,10 +4,9 @@
 //! changed in place pass `qemu-img check` (leaks at most), and running the command again
 //! finishes the job.
 
-mod common;
-use common::*;
 use std::path::Path;
 use std::process::Command;
+use testkit::oracle::*;
 
 fn qcow2_cmd(dir: &Path, args: &[&str]) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_qcow2"));

@@ -1,8 +1,7 @@
 //! The read side against the oracle: for every kind of image qemu-img/qemu-io make, our raw
 //! read, info, map and check equal qemu-img's.
 
-mod common;
-use common::*;
+use testkit::oracle::*;
 
 const MIB: u64 = 1 << 20;
 

@@ -1,10 +1,9 @@
 //! Damaged and hostile images: every `qcow2` verb ends within seconds with a clear error (no
 //! panic, no hang, bounded memory) and never modifies its input.
 
-mod common;
-use common::*;
 use std::path::Path;
 use std::process::Command;
+use testkit::oracle::*;
 
 /// Runs our binary with a time limit and a 2 GiB address-space limit; the input of a run
 /// that hangs is kept for a look.

@@ -1,11 +1,11 @@
 //! Whole-tree refcount updates (what snapshots and emptying need): add or drop one
 //! reference along an L1 table, and recompute the COPIED flags of the active tables.
 
-use crate::error::{Error, Result};
+use super::Qcow2;
+use crate::error::{IoContext, Result};
 use crate::format::entry::{
     CompressedDesc, L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED,
 };
-use crate::image::Qcow2;
 
 /// When a decrement takes effect.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -20,15 +20,17 @@ impl Qcow2 {
     /// The host clusters one L2 entry references (data, or every cluster a compressed
     /// extent touches).
     pub(crate) fn entry_clusters(&self, word: u64) -> Vec<u64> {
-        let cb = self.header.cluster_bits;
+        let geo = self.geometry;
         if word & OFLAG_COMPRESSED != 0 {
-            CompressedDesc::decode(word, cb).host_clusters(cb).collect()
+            CompressedDesc::decode(word, geo.cluster_bits)
+                .host_clusters(geo.cluster_bits)
+                .collect()
         } else {
             let host = word & L2E_OFFSET_MASK;
             if host == 0 {
                 Vec::new()
             } else {
-                vec![host >> cb]
+                vec![geo.cluster_index(host)]
             }
         }
     }
@@ -45,7 +47,7 @@ impl Qcow2 {
 
     /// Adds one reference to every L2 table and data cluster reachable from `l1`.
     pub(crate) fn tree_increment(&mut self, l1: &[u64]) -> Result<()> {
-        let cb = self.header.cluster_bits;
+        let geo = self.geometry;
         for &e in l1 {
             let l2 = e & L1E_OFFSET_MASK;
             if l2 == 0 {
@@ -53,7 +55,7 @@ impl Qcow2 {
             }
             let words = self.l2_words(l2)?;
             let (s, rc) = self.refcounts_mut()?;
-            rc.increment(s, l2 >> cb)?;
+            rc.increment(s, geo.cluster_index(l2))?;
             for w in words {
                 for c in self.entry_clusters(w) {
                     let (s, rc) = self.refcounts_mut()?;
@@ -66,14 +68,14 @@ impl Qcow2 {
 
     /// Drops one reference from every L2 table and data cluster reachable from `l1`.
     pub(crate) fn tree_decrement(&mut self, l1: &[u64], timing: Timing) -> Result<()> {
-        let cb = self.header.cluster_bits;
+        let geo = self.geometry;
         for &e in l1 {
             let l2 = e & L1E_OFFSET_MASK;
             if l2 == 0 {
                 continue;
             }
             let words = self.l2_words(l2)?;
-            let mut clusters = vec![l2 >> cb];
+            let mut clusters = vec![geo.cluster_index(l2)];
             for w in words {
                 clusters.extend(self.entry_clusters(w));
             }
@@ -92,7 +94,7 @@ impl Qcow2 {
 
     /// Sets COPIED on active L1 and L2 entries exactly where the refcount is 1.
     pub(crate) fn recompute_copied(&mut self) -> Result<()> {
-        let cb = self.header.cluster_bits;
+        let geo = self.geometry;
         let ext = self.header.extended_l2();
         for i in 0..self.l1.len() {
             let e = self.l1[i];
@@ -102,7 +104,7 @@ impl Qcow2 {
             }
             let l2_rc = {
                 let (s, rc) = self.refcounts_mut()?;
-                rc.get(s, l2 >> cb)?
+                rc.get(s, geo.cluster_index(l2))?
             };
             let new_e = if l2_rc == 1 { l2 | OFLAG_COPIED } else { l2 };
             if new_e != e {
@@ -124,7 +126,7 @@ impl Qcow2 {
                 }
                 let r = {
                     let (s, rc) = self.refcounts_mut()?;
-                    rc.get(s, host >> cb)?
+                    rc.get(s, geo.cluster_index(host))?
                 };
                 let nw = if r == 1 {
                     w | OFLAG_COPIED
@@ -169,7 +171,7 @@ impl Qcow2 {
             if end < self.file_len()? {
                 self.storage
                     .set_len(end)
-                    .map_err(|e| Error::io(&self.path, "truncating", end, e))?;
+                    .at(&self.path, "truncating", end)?;
             }
         }
         Ok(())

@@ -1,11 +1,12 @@
 //! Internal snapshots: list, create, apply (revert to) and delete, with qemu-img's
 //! semantics (IDs are unique, names need not be; `-d` looks up by name).
 
-use crate::error::{Error, Result};
+use super::tables::read_table;
+use super::tree::Timing;
+use super::Qcow2;
+use crate::error::{Error, IoContext, Result};
 use crate::format::entry::{L1E_OFFSET_MASK, OFLAG_COPIED};
 use crate::format::snapshot::{table_size, Snapshot};
-use crate::image::{read_table, Qcow2};
-use crate::tree::Timing;
 use byteorder::{BigEndian as BE, ByteOrder};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -18,10 +19,6 @@ fn now() -> (u32, u32) {
 }
 
 impl Qcow2 {
-    fn io_err(&self, what: &'static str, off: u64) -> impl Fn(std::io::Error) -> Error + '_ {
-        move |e| Error::io(&self.path, what, off, e)
-    }
-
     /// Writes a new snapshot table (old entries replaced by `snaps`) to fresh clusters and
     /// points the header at it; the old table's clusters are freed after the flush.
     fn store_snapshot_table(&mut self, snaps: &[Snapshot]) -> Result<()> {
@@ -44,9 +41,11 @@ impl Qcow2 {
                 }
                 buf.extend_from_slice(e);
             }
-            self.storage
-                .write_at(&buf, new_off)
-                .map_err(self.io_err("writing snapshot table", new_off))?;
+            self.storage.write_at(&buf, new_off).at(
+                &self.path,
+                "writing snapshot table",
+                new_off,
+            )?;
         }
         if self.header.nb_snapshots > 0 && old_off != 0 {
             for c in 0..old_size.div_ceil(cs) {
@@ -60,10 +59,10 @@ impl Qcow2 {
 
     fn check_snapshots_possible(&self) -> Result<()> {
         if self.header.refcount_order == 0 {
-            return Err(Error::Request(format!(
-                "{}: snapshots need refcounts wider than 1 bit (refcount_bits=1)",
-                self.path
-            )));
+            return Err(Error::usage(
+                &self.path,
+                "snapshots need refcounts wider than 1 bit (refcount_bits=1)",
+            ));
         }
         Ok(())
     }
@@ -72,11 +71,11 @@ impl Qcow2 {
     pub fn snapshot_create(&mut self, name: &str) -> Result<String> {
         self.check_snapshots_possible()?;
         if name.is_empty() || name.len() > 0xffff {
-            return Err(Error::Request("a snapshot needs a name".into()));
+            return Err(Error::usage(&self.path, "a snapshot needs a name"));
         }
         let mut snaps = self.snapshots()?;
         if snaps.len() >= crate::format::header::MAX_SNAPSHOTS as usize {
-            return Err(Error::Request(format!("{}: too many snapshots", self.path)));
+            return Err(Error::usage(&self.path, "too many snapshots"));
         }
         let id = snaps
             .iter()
@@ -93,7 +92,7 @@ impl Qcow2 {
         BE::write_u64_into(&l1, &mut raw);
         self.storage
             .write_at(&raw, l1_off)
-            .map_err(self.io_err("writing snapshot L1 table", l1_off))?;
+            .at(&self.path, "writing snapshot L1 table", l1_off)?;
         // 2. every table and cluster it reaches gets one more reference, and the active
         // tables lose COPIED, all on disk before the snapshot becomes visible: a stale
         // COPIED on a shared cluster would let a writer overwrite the snapshot's data.
@@ -130,7 +129,7 @@ impl Qcow2 {
             by_name
         };
         idx.map(|i| (i, snaps[i].clone()))
-            .ok_or_else(|| Error::Request(format!("{}: snapshot '{key}' not found", self.path)))
+            .ok_or_else(|| Error::usage(&self.path, format!("snapshot '{key}' not found")))
     }
 
     fn snapshot_l1(&self, s: &Snapshot) -> Result<Vec<u64>> {
@@ -149,10 +148,10 @@ impl Qcow2 {
     /// Reverts the disk to snapshot `key` (ID or name).
     pub fn snapshot_apply(&mut self, key: &str) -> Result<()> {
         if self.header.bitmaps().is_some() {
-            return Err(Error::Request(format!(
-                "{}: Device has active dirty bitmaps; remove them before applying a snapshot",
-                self.path
-            )));
+            return Err(Error::usage(
+                &self.path,
+                "Device has active dirty bitmaps; remove them before applying a snapshot",
+            ));
         }
         let (_, snap) = self.find_snapshot(key, true)?;
         let snap_l1 = self.snapshot_l1(&snap)?;

@@ -5,9 +5,10 @@ use clap::{Parser, Subcommand, ValueEnum};
 use qcow2::create::{self, parse_size, CreateOptions};
 use qcow2::ops::{commit, compare, convert, info, map, rebase};
 use qcow2::repair::{self, RepairMode};
-use qcow2::write::OpenRwOptions;
+use qcow2::OpenRwOptions;
 use qcow2::Qcow2;
 use qcow2::{check, Chain, Format, OpenOptions};
+use qmpbackup::image_text;
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -252,7 +253,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
                 Output::Json => writeln!(out, "{}", serde_json::to_string_pretty(&infos[0])?)?,
                 Output::Human => {
-                    let text: Vec<String> = infos.iter().map(info::human).collect();
+                    let text: Vec<String> = infos.iter().map(image_text::human).collect();
                     write!(out, "{}", text.join("\n"))?;
                 }
             }
@@ -471,7 +472,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     write!(
                         out,
                         "Snapshot list:\n{}",
-                        info::snapshot_table(&i.snapshots)
+                        image_text::snapshot_table(&i.snapshots)
                     )?;
                 }
             }

@@ -3,15 +3,14 @@
 //! the end qemu-img reads what the model says, for the disk and every snapshot, and
 //! `qemu-img check` finds both images clean.
 
-mod common;
-use common::*;
 use proptest::prelude::*;
 use qcow2::chain::open_backing_of;
 use qcow2::create::{create_qcow2, CreateOptions};
 use qcow2::ops::commit::{commit, CommitOptions};
-use qcow2::write::OpenRwOptions;
+use qcow2::OpenRwOptions;
 use qcow2::Qcow2;
 use std::collections::BTreeMap;
+use testkit::oracle::*;
 
 const SIZE: u64 = 1 << 20;
 
@@ -77,11 +76,11 @@ proptest! {
         for o in &ops {
             match *o {
                 Op::Write { off, len, pattern } => {
-                    top.write_at(&vec![pattern; len as usize], off, backing.as_ref()).unwrap();
+                    top.write_at(&vec![pattern; len as usize], off, qcow2::chain::as_backing(backing.as_ref())).unwrap();
                     model[off as usize..(off + len) as usize].fill(pattern);
                 }
                 Op::Zero { off, len, unmap } => {
-                    top.write_zeroes(off, len, unmap, backing.as_ref()).unwrap();
+                    top.write_zeroes(off, len, unmap, qcow2::chain::as_backing(backing.as_ref())).unwrap();
                     model[off as usize..(off + len) as usize].fill(0);
                 }
                 Op::Discard { off, len } => {

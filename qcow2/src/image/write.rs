@@ -2,41 +2,54 @@
 //! zero clusters, discard, compressed clusters, L1/L2 growth and the ordered flush
 //! (data, then refcounts, then L2, then L1 and header; frees last).
 
+use super::state::RwState;
+use super::tables::read_header;
+use super::{Backing, Qcow2};
 use crate::alloc::Refcounts;
-use crate::chain::Chain;
 use crate::compress;
-use crate::error::{Error, Result};
+use crate::error::{Error, IoContext, Result};
 use crate::format::entry::{
     CompressedDesc, L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO,
 };
-use crate::format::header::{self, AUTOCLEAR_KNOWN};
-use crate::image::{read_header, Qcow2, Run};
+use crate::format::header::{self, Header, AUTOCLEAR_KNOWN};
 use crate::storage::{FileStorage, Storage};
 use byteorder::{BigEndian as BE, ByteOrder};
-use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
 /// Dirty L2 tables kept before a metadata flush is forced.
 const MAX_DIRTY_L2: usize = 2048;
+/// Clusters allocated in one piece at most (bounds one contiguous run).
+const MAX_CLUSTERS_PER_ALLOCATION: u64 = 4096;
+
+/// How [`Qcow2::map_for_write`] treats what a range maps to already.
+#[derive(Clone, Copy)]
+pub enum WriteMapping<'a> {
+    /// Write in place where the image owns the cluster alone; elsewhere copy on write,
+    /// partial clusters filled from the image's current view over `backing`.
+    CopyOnWrite(Option<&'a dyn Backing>),
+    /// The range is unallocated in a new image: allocate only, refuse anything mapped.
+    Fresh,
+}
+
+/// A guest range and the host range of the image file that holds its data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostRun {
+    pub guest: u64,
+    pub host: u64,
+    pub len: u64,
+}
+
+/// Appends a run, merging it into the last one when both continue each other.
+fn push_run(runs: &mut Vec<HostRun>, guest: u64, host: u64, len: u64) {
+    match runs.last_mut() {
+        Some(l) if l.guest + l.len == guest && l.host + l.len == host => l.len += len,
+        _ => runs.push(HostRun { guest, host, len }),
+    }
+}
 /// Extended L2 bitmaps: every subcluster allocated / every subcluster zero.
 const BITMAP_ALL_ALLOC: u64 = 0x0000_0000_ffff_ffff;
 const BITMAP_ALL_ZERO: u64 = 0xffff_ffff_0000_0000;
-
-pub struct RwState {
-    pub(crate) refcounts: Refcounts,
-    pub(crate) dirty_l2: HashMap<u64, Arc<Vec<u64>>>,
-    l1_dirty: bool,
-    /// The L1 table moved: it must be on disk before the header points at it.
-    l1_moved: bool,
-    header_dirty: bool,
-    /// Next free byte for compressed data (0 = start a new cluster), valid while no cluster
-    /// has been freed since (`cursor_frees`): a freed cluster may hold other data now.
-    compressed_cursor: u64,
-    cursor_frees: u64,
-    /// Persistent bitmaps exist: data writes would leave them stale.
-    has_bitmaps: bool,
-}
 
 #[derive(Debug, Clone, Copy, Default)]
 pub struct OpenRwOptions {
@@ -50,8 +63,7 @@ impl Qcow2 {
     /// first), encrypted images and images with an external data file.
     pub fn open_rw(path: &Path, opts: OpenRwOptions) -> Result<Qcow2> {
         let display = path.display().to_string();
-        let storage = FileStorage::open(path, true)
-            .map_err(|e| Error::file(&display, "cannot open for writing", e))?;
+        let storage = FileStorage::open(path, true).on_file(&display, "cannot open for writing")?;
         crate::lock::lock_for_write(storage.file(), &display)?;
         let storage: Arc<dyn Storage> = Arc::new(storage);
         let header = read_header(storage.as_ref(), &display)?;
@@ -100,16 +112,7 @@ impl Qcow2 {
             header_dirty = true;
         }
         let has_bitmaps = self.header.bitmaps().is_some();
-        self.rw = Some(Box::new(RwState {
-            refcounts,
-            dirty_l2: HashMap::new(),
-            l1_dirty: false,
-            l1_moved: false,
-            header_dirty,
-            compressed_cursor: 0,
-            cursor_frees: 0,
-            has_bitmaps,
-        }));
+        self.rw = Some(Box::new(RwState::new(refcounts, header_dirty, has_bitmaps)));
         Ok(())
     }
 
@@ -118,10 +121,10 @@ impl Qcow2 {
     }
 
     fn rw(&mut self) -> Result<&mut RwState> {
-        let path = self.path.clone();
-        self.rw
-            .as_deref_mut()
-            .ok_or_else(|| Error::Request(format!("{path}: image is not open for writing")))
+        match self.rw.as_deref_mut() {
+            Some(rw) => Ok(rw),
+            None => Err(Error::internal(&self.path, "image is not open for writing")),
+        }
     }
 
     fn check_data_writes_allowed(&mut self) -> Result<()> {
@@ -136,25 +139,26 @@ impl Qcow2 {
 
     pub(crate) fn refcounts_mut(&mut self) -> Result<(&dyn Storage, &mut Refcounts)> {
         let storage = self.storage.as_ref();
-        let rw = self
-            .rw
-            .as_deref_mut()
-            .ok_or_else(|| Error::Request("image is not open for writing".into()))?;
-        Ok((storage, &mut rw.refcounts))
+        match self.rw.as_deref_mut() {
+            Some(rw) => Ok((storage, &mut rw.refcounts)),
+            None => Err(Error::internal(&self.path, "image is not open for writing")),
+        }
     }
 
     /// Allocates `n` contiguous clusters; returns the host offset of the first.
     pub(crate) fn alloc_clusters(&mut self, n: u64) -> Result<u64> {
-        let cb = self.header.cluster_bits;
+        let geo = self.geometry;
         // Space handed out again may be where a cached compressed cluster was.
         self.forget_decompressed();
         let (s, rc) = self.refcounts_mut()?;
-        Ok(rc.alloc(s, n)? << cb)
+        Ok(rc.alloc(s, n)? << geo.cluster_bits)
     }
 
     pub(crate) fn free_cluster_later(&mut self, host: u64) -> Result<()> {
-        let cb = self.header.cluster_bits;
-        self.rw()?.refcounts.decrement_later(host >> cb);
+        let geo = self.geometry;
+        self.rw()?
+            .refcounts
+            .decrement_later(geo.cluster_index(host));
         Ok(())
     }
 
@@ -174,16 +178,18 @@ impl Qcow2 {
 
     /// Frees whatever host space an L2 entry owns (after the next metadata flush).
     fn release_entry(&mut self, word: u64) -> Result<()> {
-        let cb = self.header.cluster_bits;
+        let geo = self.geometry;
         if word & OFLAG_COMPRESSED != 0 {
-            let d = CompressedDesc::decode(word, cb);
-            for c in d.host_clusters(cb) {
+            let d = CompressedDesc::decode(word, geo.cluster_bits);
+            for c in d.host_clusters(geo.cluster_bits) {
                 self.rw()?.refcounts.decrement_later(c);
             }
         } else {
             let host = word & L2E_OFFSET_MASK;
             if host != 0 {
-                self.rw()?.refcounts.decrement_later(host >> cb);
+                self.rw()?
+                    .refcounts
+                    .decrement_later(geo.cluster_index(host));
             }
         }
         Ok(())
@@ -193,10 +199,7 @@ impl Qcow2 {
     /// write as needed). Returns its offset.
     fn l2_for_write(&mut self, l1_index: usize) -> Result<u64> {
         if l1_index >= self.l1.len() {
-            return Err(Error::Request(format!(
-                "{}: guest offset beyond the L1 table",
-                self.path
-            )));
+            return Err(Error::usage(&self.path, "guest offset beyond the L1 table"));
         }
         let l1e = self.l1[l1_index];
         let old = l1e & L1E_OFFSET_MASK;
@@ -221,28 +224,26 @@ impl Qcow2 {
         Ok(new)
     }
 
-    fn locate(&self, guest_cluster: u64) -> (usize, usize) {
-        let n = self.header.l2_entries();
-        ((guest_cluster / n) as usize, (guest_cluster % n) as usize)
-    }
-
     /// The current (word, bitmap) of a guest cluster.
     fn entry_of(&self, guest_cluster: u64) -> Result<(u64, u64)> {
-        let (l1i, l2i) = self.locate(guest_cluster);
-        let l2 = self.l1.get(l1i).copied().unwrap_or(0) & L1E_OFFSET_MASK;
+        let at = self.geometry.table_indexes(guest_cluster);
+        let l2 = self.l1.get(at.l1).copied().unwrap_or(0) & L1E_OFFSET_MASK;
         if l2 == 0 {
             return Ok((0, 0));
         }
         let t = self.l2_table(l2)?;
-        let e = self.l2_entry(&t, l2i);
+        let e = self.l2_entry(&t, at.l2);
         Ok((e.word, e.bitmap.unwrap_or(0)))
     }
 
-    /// Sets a guest cluster's L2 entry (bitmap ignored for standard L2).
+    /// Sets a guest cluster's L2 entry (bitmap ignored for standard L2). The entry reaches
+    /// the file at the next metadata flush; callers that write data for it do so first and
+    /// then call [`Qcow2::flush_if_too_dirty`].
     fn set_entry(&mut self, guest_cluster: u64, word: u64, bitmap: u64) -> Result<()> {
-        let (l1i, l2i) = self.locate(guest_cluster);
+        let at = self.geometry.table_indexes(guest_cluster);
+        let (l1i, l2i) = (at.l1, at.l2);
         let l2 = self.l2_for_write(l1i)?;
-        let ext = self.header.extended_l2();
+        let ext = self.geometry.extended_l2;
         if !self.rw()?.dirty_l2.contains_key(&l2) {
             let t = self.l2_table(l2)?;
             self.rw()?.dirty_l2.insert(l2, t);
@@ -255,7 +256,13 @@ impl Qcow2 {
         } else {
             t[l2i] = word;
         }
-        if rw.dirty_l2.len() > MAX_DIRTY_L2 {
+        Ok(())
+    }
+
+    /// Writes the metadata out once too many L2 tables are dirty, which bounds memory. Only
+    /// call it when every cluster mapped so far holds its data: the flush makes them visible.
+    pub fn flush_if_too_dirty(&mut self) -> Result<()> {
+        if self.rw()?.dirty_l2.len() > MAX_DIRTY_L2 {
             self.flush_metadata()?;
         }
         Ok(())
@@ -277,174 +284,147 @@ impl Qcow2 {
         }
     }
 
-    /// Reads this image's view of guest bytes: its own clusters, and below them `backing`
-    /// (zeros when there is none or past its end). Bytes past the virtual size read as 0.
-    pub fn read_view(&self, buf: &mut [u8], offset: u64, backing: Option<&Chain>) -> Result<()> {
-        let size = self.virtual_size();
-        let end = offset + buf.len() as u64;
-        if end > size {
-            let keep = size.saturating_sub(offset) as usize;
-            buf[keep..].fill(0);
-            if keep == 0 {
-                return Ok(());
-            }
-            return self.read_view(&mut buf[..keep], offset, backing);
-        }
-        let mut pos = offset;
-        while pos < end {
-            let (n, run) = self.block_status(pos, end - pos)?;
-            let b = &mut buf[(pos - offset) as usize..(pos - offset + n) as usize];
-            match run {
-                Run::Data { host } => self.read_data(b, host)?,
-                Run::Compressed {
-                    desc,
-                    offset_in_cluster,
-                } => self.read_compressed(b, desc, offset_in_cluster)?,
-                Run::Zero { .. } => b.fill(0),
-                Run::Unallocated => match backing {
-                    Some(c) => {
-                        let bsize = c.virtual_size();
-                        let inside = bsize.saturating_sub(pos).min(n) as usize;
-                        if inside > 0 {
-                            c.read_at(&mut b[..inside], pos)?;
-                        }
-                        b[inside..].fill(0);
-                    }
-                    None => b.fill(0),
-                },
-            }
-            pos += n;
-        }
-        Ok(())
-    }
-
     /// Writes guest data. `backing` supplies the content below this image for partial
     /// clusters (copy-on-write); pass the image's backing chain, or None.
-    pub fn write_at(&mut self, buf: &[u8], offset: u64, backing: Option<&Chain>) -> Result<()> {
+    pub fn write_at(
+        &mut self,
+        buf: &[u8],
+        offset: u64,
+        backing: Option<&dyn Backing>,
+    ) -> Result<()> {
+        let runs =
+            self.map_for_write(offset, buf.len() as u64, WriteMapping::CopyOnWrite(backing))?;
+        for run in runs {
+            let from = (run.guest - offset) as usize;
+            self.storage
+                .write_at(&buf[from..from + run.len as usize], run.host)
+                .at(&self.path, "writing data", run.host)?;
+        }
+        self.flush_if_too_dirty()
+    }
+
+    /// Plans a write into a new image without doing it: maps the clusters of `[offset,
+    /// offset+len)` (cluster aligned; the last cluster may be cut by the end of the disk),
+    /// which must all be unallocated, to newly allocated host clusters and returns the host
+    /// runs. The caller writes the data there (from any thread, through [`Qcow2::storage`])
+    /// before the image is flushed.
+    pub fn allocate_for_write(&mut self, offset: u64, len: u64) -> Result<Vec<HostRun>> {
+        if !self.geometry.is_cluster_aligned(offset) {
+            return Err(Error::usage(
+                &self.path,
+                format!("planned write of {len} bytes at {offset:#x} is unaligned"),
+            ));
+        }
+        self.map_for_write(offset, len, WriteMapping::Fresh)
+    }
+
+    /// The one step from a guest range to the host runs that take its data: clusters that
+    /// can be written in place are, the others get new clusters (whole runs allocated at
+    /// once), partial clusters are first filled from the image's current view
+    /// (copy-on-write), and the space they had is freed after the next flush. The new L2
+    /// entries reach the file at the next flush, so the caller writes the data first.
+    pub fn map_for_write(
+        &mut self,
+        offset: u64,
+        len: u64,
+        mode: WriteMapping<'_>,
+    ) -> Result<Vec<HostRun>> {
         self.check_data_writes_allowed()?;
+        let size = self.virtual_size();
         let end = offset
-            .checked_add(buf.len() as u64)
-            .filter(|&e| e <= self.virtual_size())
+            .checked_add(len)
+            .filter(|&e| e <= size)
             .ok_or_else(|| {
-                Error::Request(format!(
-                    "{}: write of {} bytes at {offset:#x} is past the end of the disk",
-                    self.path,
-                    buf.len()
-                ))
+                Error::usage(
+                    &self.path,
+                    format!("write of {len} bytes at {offset:#x} is past the end of the disk"),
+                )
             })?;
-        let cs = self.cluster_size();
-        let cb = self.header.cluster_bits;
+        let geo = self.geometry;
+        let cs = geo.cluster_size();
+        let fresh = matches!(mode, WriteMapping::Fresh);
+        let mut runs: Vec<HostRun> = Vec::new();
         let mut pos = offset;
         while pos < end {
-            let gc = pos >> cb;
-            let in_c = pos & (cs - 1);
+            let gc = geo.cluster_index(pos);
+            let in_c = geo.offset_in_cluster(pos);
             let n = (cs - in_c).min(end - pos);
             let (word, bitmap) = self.entry_of(gc)?;
-            let src = &buf[(pos - offset) as usize..];
+            if fresh && (word != 0 || bitmap != 0) {
+                return Err(Error::usage(
+                    &self.path,
+                    format!("guest cluster {gc} is allocated already"),
+                ));
+            }
             if let Some(host) = self.in_place_host(word, bitmap) {
                 // Extend over following clusters that are in place and contiguous.
-                let mut len = n;
+                let mut run_len = n;
                 let mut next_host = host + cs;
-                while pos + len < end {
-                    let (w, b) = self.entry_of((pos + len) >> cb)?;
+                while pos + run_len < end {
+                    let (w, b) = self.entry_of(geo.cluster_index(pos + run_len))?;
                     if self.in_place_host(w, b) != Some(next_host) {
                         break;
                     }
-                    len += cs.min(end - pos - len);
+                    run_len += cs.min(end - pos - run_len);
                     next_host += cs;
                 }
-                self.storage
-                    .write_at(&src[..len as usize], host + in_c)
-                    .map_err(|e| Error::io(&self.path, "writing data", host + in_c, e))?;
-                pos += len;
+                push_run(&mut runs, pos, host + in_c, run_len);
+                pos += run_len;
                 continue;
             }
-            if in_c == 0 && n == cs {
-                // Whole clusters needing new space: allocate a run at once.
-                let (l1i, _) = self.locate(gc);
+            // In a new image the end of the disk may cut the last cluster: it is new space
+            // at the end of the file, zeros past the disk's end.
+            let whole = in_c == 0 && (n == cs || (fresh && pos + n == size));
+            if whole {
+                // Whole clusters needing new space, up to the end of their L2 table.
+                let l1i = geo.table_indexes(gc).l1;
                 let mut k = 1u64;
-                while pos + (k + 1) * cs <= end && self.locate(gc + k).0 == l1i && k < 4096 {
+                while k < MAX_CLUSTERS_PER_ALLOCATION
+                    && geo.table_indexes(gc + k).l1 == l1i
+                    && pos + k * cs < end
+                    && (pos + (k + 1) * cs <= end || (fresh && end == size))
+                {
                     let (w, b) = self.entry_of(gc + k)?;
+                    if fresh && (w != 0 || b != 0) {
+                        return Err(Error::usage(
+                            &self.path,
+                            format!("guest cluster {} is allocated already", gc + k),
+                        ));
+                    }
                     if self.in_place_host(w, b).is_some() {
                         break;
                     }
                     k += 1;
                 }
                 let host = self.alloc_clusters(k)?;
-                self.storage
-                    .write_at(&src[..(k * cs) as usize], host)
-                    .map_err(|e| Error::io(&self.path, "writing data", host, e))?;
                 for i in 0..k {
                     let (old, _) = self.entry_of(gc + i)?;
                     self.set_entry(gc + i, (host + i * cs) | OFLAG_COPIED, BITMAP_ALL_ALLOC)?;
                     self.release_entry(old)?;
                 }
-                pos += k * cs;
+                let run_len = (pos + k * cs).min(end) - pos;
+                push_run(&mut runs, pos, host, run_len);
+                pos += run_len;
                 continue;
             }
-            // Partial cluster: merge with the current view into a new cluster.
+            // A partial cluster: a new cluster holding the current view, written over (in a
+            // new image the view is zeros; fresh clusters may be reused space).
+            let backing = match mode {
+                WriteMapping::CopyOnWrite(backing) => backing,
+                WriteMapping::Fresh => None,
+            };
             let mut cluster = vec![0u8; cs as usize];
-            self.read_view(&mut cluster, gc << cb, backing)?;
-            cluster[in_c as usize..(in_c + n) as usize].copy_from_slice(&src[..n as usize]);
+            self.read_view(&mut cluster, geo.cluster_offset(gc), backing)?;
             let host = self.alloc_clusters(1)?;
             self.storage
                 .write_at(&cluster, host)
-                .map_err(|e| Error::io(&self.path, "writing data", host, e))?;
+                .at(&self.path, "writing data", host)?;
             self.set_entry(gc, host | OFLAG_COPIED, BITMAP_ALL_ALLOC)?;
             self.release_entry(word)?;
+            push_run(&mut runs, pos, host + in_c, n);
             pos += n;
         }
-        Ok(())
-    }
-
-    /// Plans a write without doing it: maps the clusters of `[offset, offset+len)` (cluster
-    /// aligned; the last cluster may be cut by the end of the disk) to newly allocated host
-    /// clusters and returns the host runs as (guest offset, host offset, length). The caller
-    /// writes the data there (from any thread, through [`Qcow2::storage`]) before the next
-    /// flush. For copies into a new image: the clusters must not be allocated yet.
-    pub fn allocate_for_write(&mut self, offset: u64, len: u64) -> Result<Vec<(u64, u64, u64)>> {
-        self.check_data_writes_allowed()?;
-        let cs = self.cluster_size();
-        let cb = self.header.cluster_bits;
-        let end = offset
-            .checked_add(len)
-            .filter(|&e| e <= self.virtual_size() && offset.is_multiple_of(cs))
-            .ok_or_else(|| {
-                Error::Request(format!(
-                    "{}: planned write of {len} bytes at {offset:#x} is unaligned or past the end",
-                    self.path
-                ))
-            })?;
-        let mut out: Vec<(u64, u64, u64)> = Vec::new();
-        let mut gc = offset >> cb;
-        let last = end.div_ceil(cs);
-        while gc < last {
-            let (l1i, _) = self.locate(gc);
-            let mut k = 0u64;
-            while gc + k < last && self.locate(gc + k).0 == l1i && k < 4096 {
-                let (w, b) = self.entry_of(gc + k)?;
-                if w != 0 || b != 0 {
-                    return Err(Error::Request(format!(
-                        "{}: guest cluster {} is allocated already",
-                        self.path,
-                        gc + k
-                    )));
-                }
-                k += 1;
-            }
-            let host = self.alloc_clusters(k)?;
-            for i in 0..k {
-                self.set_entry(gc + i, (host + i * cs) | OFLAG_COPIED, BITMAP_ALL_ALLOC)?;
-            }
-            let g = gc << cb;
-            let n = ((gc + k) << cb).min(end) - g;
-            match out.last_mut() {
-                Some(l) if l.0 + l.2 == g && l.1 + l.2 == host => l.2 += n,
-                _ => out.push((g, host, n)),
-            }
-            gc += k;
-        }
-        Ok(out)
+        Ok(runs)
     }
 
     /// Makes a guest range read as zeros. Whole clusters become zero clusters (v3: the ZERO
@@ -455,21 +435,21 @@ impl Qcow2 {
         offset: u64,
         len: u64,
         unmap: bool,
-        backing: Option<&Chain>,
+        backing: Option<&dyn Backing>,
     ) -> Result<()> {
         self.check_data_writes_allowed()?;
         let end = offset
             .checked_add(len)
             .filter(|&e| e <= self.virtual_size())
-            .ok_or_else(|| Error::Request(format!("{}: zero write past the end", self.path)))?;
-        let cs = self.cluster_size();
-        let cb = self.header.cluster_bits;
+            .ok_or_else(|| Error::usage(&self.path, "zero write past the end"))?;
+        let geo = self.geometry;
+        let cs = geo.cluster_size();
         let v3 = self.header.version >= 3;
-        let ext = self.header.extended_l2();
+        let ext = geo.extended_l2;
         let mut pos = offset;
         while pos < end {
-            let gc = pos >> cb;
-            let in_c = pos & (cs - 1);
+            let gc = geo.cluster_index(pos);
+            let in_c = geo.offset_in_cluster(pos);
             let n = (cs - in_c).min(end - pos);
             // The final cluster of an odd-sized disk counts as whole when covered to the end.
             let whole = in_c == 0 && (n == cs || pos + n == self.virtual_size());
@@ -500,7 +480,7 @@ impl Qcow2 {
             }
             pos += n;
         }
-        Ok(())
+        self.flush_if_too_dirty()
     }
 
     /// Drops whole clusters of a guest range: they read as zeros afterwards (zero clusters
@@ -508,7 +488,6 @@ impl Qcow2 {
     pub fn discard(&mut self, offset: u64, len: u64) -> Result<()> {
         self.check_data_writes_allowed()?;
         let cs = self.cluster_size();
-        let cb = self.header.cluster_bits;
         let end = offset.saturating_add(len).min(self.virtual_size());
         let first = offset.div_ceil(cs);
         let mut last = end / cs; // exclusive
@@ -516,7 +495,7 @@ impl Qcow2 {
             last += 1;
         }
         let v3 = self.header.version >= 3;
-        let ext = self.header.extended_l2();
+        let ext = self.geometry.extended_l2;
         let has_backing = self.header.backing_file.is_some();
         for gc in first..last {
             let (word, bitmap) = self.entry_of(gc)?;
@@ -530,28 +509,48 @@ impl Qcow2 {
                 self.release_entry(word)?;
             }
         }
-        let _ = cb;
-        Ok(())
+        self.flush_if_too_dirty()
     }
 
     /// Writes one whole guest cluster compressed (falls back to a normal cluster when it
     /// does not compress). `data` is exactly one cluster (zero-padded at the disk's end).
     pub fn write_compressed(&mut self, guest_cluster: u64, data: &[u8]) -> Result<()> {
-        self.check_data_writes_allowed()?;
-        let cs = self.cluster_size();
-        let cb = self.header.cluster_bits;
-        if data.len() as u64 != cs {
-            return Err(Error::Request(
-                "compressed writes take one whole cluster".into(),
+        if data.len() as u64 != self.cluster_size() {
+            return Err(Error::internal(
+                &self.path,
+                "compressed writes take one whole cluster",
             ));
         }
-        let Some(c) = compress::compress(self.header.compression_type, data)
-            .map_err(|e| Error::Request(format!("{}: compression failed: {e}", self.path)))?
-        else {
-            let off = guest_cluster << cb;
-            let len = cs.min(self.virtual_size() - off) as usize;
-            return self.write_at(&data[..len], off, None);
+        let packed = compress::compress(self.header.compression_type, data)
+            .map_err(|e| Error::internal(&self.path, format!("compression failed: {e}")))?;
+        let keep = self
+            .cluster_size()
+            .min(self.virtual_size() - (guest_cluster << self.geometry.cluster_bits));
+        self.write_precompressed(guest_cluster, packed.as_deref(), &data[..keep as usize])
+    }
+
+    /// Stores one guest cluster already compressed with the image's compression type
+    /// (`packed`), or plainly when it did not compress (`packed` None: `plain` is written,
+    /// the cluster's guest bytes up to the disk's end). Compressing is left to the caller
+    /// so it can happen on other threads.
+    pub fn write_precompressed(
+        &mut self,
+        guest_cluster: u64,
+        packed: Option<&[u8]>,
+        plain: &[u8],
+    ) -> Result<()> {
+        self.check_data_writes_allowed()?;
+        let cs = self.cluster_size();
+        let geo = self.geometry;
+        let Some(c) = packed else {
+            return self.write_at(plain, geo.cluster_offset(guest_cluster), None);
         };
+        if c.len() as u64 >= cs {
+            return Err(Error::internal(
+                &self.path,
+                "a compressed cluster must be smaller than a cluster",
+            ));
+        }
         let clen = c.len() as u64;
         let storage = self.storage.clone();
         let rw = self.rw()?;
@@ -564,8 +563,8 @@ impl Qcow2 {
         let mut start = None;
         if cursor != 0 && cursor % cs != 0 && sharing {
             // Continue in the partly used cluster, spilling into following free clusters.
-            let first_c = cursor >> cb;
-            let last_c = (cursor + clen - 1) >> cb;
+            let first_c = geo.cluster_index(cursor);
+            let last_c = geo.cluster_index(cursor + clen - 1);
             let s = storage.as_ref();
             let created = rw.refcounts.ensure_blocks(s, first_c, last_c)?;
             let mut ok = !created && rw.refcounts.get(s, first_c)? < rw.refcounts.max_refcount();
@@ -586,15 +585,19 @@ impl Qcow2 {
         };
         self.forget_decompressed();
         self.storage
-            .write_at(&c, start)
-            .map_err(|e| Error::io(&self.path, "writing compressed cluster", start, e))?;
+            .write_at(c, start)
+            .at(&self.path, "writing compressed cluster", start)?;
         let rw = self.rw()?;
         rw.compressed_cursor = start + clen;
         rw.cursor_frees = rw.refcounts.frees;
         let (old, _) = self.entry_of(guest_cluster)?;
-        self.set_entry(guest_cluster, CompressedDesc::encode(start, clen, cb), 0)?;
+        self.set_entry(
+            guest_cluster,
+            CompressedDesc::encode(start, clen, geo.cluster_bits),
+            0,
+        )?;
         self.release_entry(old)?;
-        Ok(())
+        self.flush_if_too_dirty()
     }
 
     /// Grows the virtual size (never shrinks), growing the L1 table if needed.
@@ -609,10 +612,10 @@ impl Qcow2 {
         if need > self.l1.len() as u64 {
             if need * 8 > header::MAX_L1_BYTES {
                 self.header.size = old_size;
-                return Err(Error::Request(format!(
-                    "{}: virtual size {new_size} needs an L1 table larger than 32 MiB",
-                    self.path
-                )));
+                return Err(Error::usage(
+                    &self.path,
+                    format!("virtual size {new_size} needs an L1 table larger than 32 MiB"),
+                ));
             }
             self.resize_l1(need)?;
         }
@@ -641,9 +644,7 @@ impl Qcow2 {
     }
 
     fn sync(&self) -> Result<()> {
-        self.storage
-            .flush()
-            .map_err(|e| Error::io(&self.path, "flushing", 0, e))
+        self.storage.flush().at(&self.path, "flushing", 0)
     }
 
     /// Writes all metadata in crash-safe order: data and refcount increments, then L2
@@ -663,8 +664,7 @@ impl Qcow2 {
         let mut raw = vec![0u8; self.cluster_size() as usize];
         for (off, t) in dirty {
             BE::write_u64_into(&t, &mut raw);
-            s.write_at(&raw, off)
-                .map_err(|e| Error::io(&path, "writing L2 table", off, e))?;
+            s.write_at(&raw, off).at(&path, "writing L2 table", off)?;
             self.lock_l2().insert(off, t);
         }
         let (l1_dirty, l1_moved) = {
@@ -723,7 +723,7 @@ impl Qcow2 {
             .map_err(|e| Error::invalid(&self.path, e.0))?;
         self.storage
             .write_at(&buf, 0)
-            .map_err(|e| Error::io(&self.path, "writing header", 0, e))?;
+            .at(&self.path, "writing header", 0)?;
         // Re-read the derived fields (backing name offset) as stored.
         self.header = crate::format::header::Header::parse(&buf)
             .map_err(|e| Error::invalid(&self.path, e.0))?;
@@ -749,5 +749,3 @@ impl Qcow2 {
         Ok(())
     }
 }
-
-use crate::format::header::Header;

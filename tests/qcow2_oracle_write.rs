@@ -1,14 +1,13 @@
 //! The write side against the oracle: everything we write passes `qemu-img check` and
 //! compares equal (`qemu-img compare`) to what it should contain.
 
-mod common;
-use common::*;
 use qcow2::create::{create_qcow2, CreateOptions};
 use qcow2::ops::{commit, convert, rebase};
 use qcow2::repair::{repair, RepairMode};
-use qcow2::write::OpenRwOptions;
+use qcow2::OpenRwOptions;
 use qcow2::{Chain, Format, OpenOptions, Qcow2};
 use std::path::Path;
+use testkit::oracle::*;
 
 fn ours(d: &Path, args: &[&str]) -> (i32, String, String) {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_qcow2"))
