@@ -14,6 +14,7 @@
 //! (IEEE, as crc32fast computes it) is over the guest bytes of the run.
 
 use crate::fsutil::{self, Dir};
+use crate::store::name::MANIFEST_SUFFIX;
 use anyhow::{bail, Context, Result};
 use qcow2::{Chain, Format, OpenOptions};
 use serde::de::DeserializeSeed;
@@ -22,8 +23,37 @@ use std::path::{Path, PathBuf};
 
 pub const RUN_SIZE: u64 = 64 << 20;
 
-/// One checksummed run: guest start, length, CRC32 as 8 hex digits.
-pub type Run = (u64, u64, String);
+/// One checksummed run of guest data; written as `[start, length, "crc32 hex"]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Run {
+    /// Guest offset of the run's first byte.
+    pub start: u64,
+    /// Length in bytes (never 0 in a manifest we wrote).
+    pub len: u64,
+    /// CRC32 (IEEE) of the run's guest bytes as 8 lowercase hex digits.
+    pub crc: String,
+}
+
+impl Run {
+    pub fn new(start: u64, len: u64, crc: String) -> Run {
+        Run { start, len, crc }
+    }
+}
+
+// The on-disk form is a 3-element array, not an object: manifests of millions of runs stay
+// compact, and existing manifests stay readable.
+impl Serialize for Run {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        (self.start, self.len, &self.crc).serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Run {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Run, D::Error> {
+        let (start, len, crc) = <(u64, u64, String)>::deserialize(d)?;
+        Ok(Run { start, len, crc })
+    }
+}
 const FORMAT: &str = "qmpbackup-manifest";
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -40,7 +70,7 @@ pub struct Manifest {
 
 pub fn manifest_path(image: &Path) -> PathBuf {
     let mut s = image.as_os_str().to_owned();
-    s.push(".manifest");
+    s.push(MANIFEST_SUFFIX);
     PathBuf::from(s)
 }
 
@@ -76,7 +106,11 @@ pub fn compute_runs(image: &Path) -> Result<(u64, Vec<Run>)> {
         while pos < end {
             let run_end = ((pos / RUN_SIZE) + 1) * RUN_SIZE;
             let run_end = run_end.min(end);
-            runs.push((pos, run_end - pos, crc_of(&chain, pos, run_end, &mut buf)?));
+            runs.push(Run::new(
+                pos,
+                run_end - pos,
+                crc_of(&chain, pos, run_end, &mut buf)?,
+            ));
             pos = run_end;
         }
     }
@@ -119,7 +153,8 @@ impl RunBuilder {
 
     fn close(&mut self) {
         if let Some((s, l, h)) = self.cur.take() {
-            self.runs.push((s, l, format!("{:08x}", h.finalize())));
+            self.runs
+                .push(Run::new(s, l, format!("{:08x}", h.finalize())));
         }
     }
 
@@ -187,7 +222,7 @@ fn open_parent(image: &Path) -> Result<(Dir, String)> {
 
 /// The manifest's name beside an image named `name`.
 pub fn manifest_name(name: &str) -> String {
-    format!("{name}.manifest")
+    format!("{name}{MANIFEST_SUFFIX}")
 }
 
 fn store(
@@ -330,7 +365,7 @@ pub fn verify_manifest(image: &Path) -> Result<Option<ManifestHeader>> {
     };
     let mut pos = 0u64;
     let mut buf = vec![0u8; 4 << 20];
-    let header = read_streaming(image, |(start, len, crc)| {
+    let header = read_streaming(image, |Run { start, len, crc }| {
         let end = start
             .checked_add(len)
             .filter(|&e| len > 0 && start >= pos && e <= size)
@@ -375,7 +410,7 @@ pub fn verify_manifest(image: &Path) -> Result<Option<ManifestHeader>> {
 /// Streaming deserialisation of a manifest: the header's fields are kept, the runs handed
 /// one by one to a callback.
 mod stream {
-    use super::{ManifestHeader, Run};
+    use crate::store::manifest::{ManifestHeader, Run};
     use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
     use std::fmt;
 

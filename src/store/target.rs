@@ -1,6 +1,7 @@
-//! Where backups go: `<target>[/YYYY-MM]/<disk name>/<LEVEL>-<unix time>-<disk name>`,
+//! A backup target: `<target>[/YYYY-MM]/<disk name>/<LEVEL>-<unix time>-<disk name>`,
 //! written as `.partial` and renamed when the job succeeded; the chain's bitmap uuid in
-//! `<target>[/YYYY-MM]/uuid`; the source image's info in `<disk dir>/<name>.config`.
+//! `<target>[/YYYY-MM]/uuid`; with `--monthly`, `<target>/current` points at the month's
+//! folder.
 //!
 //! The target is the user's choice (symlinks in its path are followed); every directory we
 //! create below it is opened without following a symlink, and every file is created and
@@ -8,55 +9,53 @@
 //! a write.
 
 use crate::fsutil::Dir;
-use crate::restore::discover::{BackupFile, Directory, Level};
-use anyhow::{bail, Context, Result};
+use crate::store::disk_dir::DiskDir;
+use crate::store::level::BackupLevel;
+use crate::store::lock::DirLock;
+use crate::store::name::{self, backup_file_name, CURRENT_LINK};
+use crate::store::uuid;
+use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
 
-#[derive(Debug, Clone, Default)]
-pub struct LayoutOptions {
+/// Where a run's backups go.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct TargetOptions {
+    /// Target directory; each disk gets <target>/<disk file name>/.
+    #[arg(short = 't', long)]
     pub target: PathBuf,
+    /// Monthly chains in <target>/YYYY-MM (a new month starts a new chain with auto).
+    #[arg(long)]
     pub monthly: bool,
+    /// Put every disk's files directly in the target directory.
+    #[arg(long)]
     pub no_subdir: bool,
+    /// Name files <LEVEL>-<disk> without the time (qmprestore needs the time to order chains).
+    #[arg(long)]
     pub no_timestamp: bool,
+    /// With --monthly, do not point <target>/current at the month's directory.
+    #[arg(long)]
     pub no_symlink: bool,
 }
 
-/// The month directory name for a Unix time: `YYYY-MM` (UTC).
+/// The month folder name for a Unix time: `YYYY-MM` (UTC).
 pub fn month_of(ts: u64) -> String {
     let (y, m, _) = qcow2::ops::info::civil_from_days((ts / 86400) as i64);
     format!("{y:04}-{m:02}")
 }
 
-/// The largest uuid file we read: a uuid is 36 bytes.
-const MAX_UUID_FILE: u64 = 4096;
-
-/// Checks a chain uuid (from `--uuid` or the uuid file): it becomes part of a bitmap name.
-pub fn check_uuid(uuid: &str) -> Result<()> {
-    if uuid.is_empty()
-        || uuid.len() > 64
-        || !uuid
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-    {
-        bail!(
-            "invalid chain uuid {uuid:?}: use 1 to 64 letters, digits, '-' or '_' (a uuid such as 3f1c…-…)"
-        );
-    }
-    Ok(())
-}
-
-pub struct Layout {
-    pub opts: LayoutOptions,
+/// A backup target opened for one run at one point in time.
+pub struct Target {
+    pub opts: TargetOptions,
     /// `<target>`, opened.
     target: Dir,
-    /// `<target>` or `<target>/YYYY-MM`, opened.
+    /// The chain root: `<target>` or `<target>/YYYY-MM`, opened.
     root: Dir,
     pub timestamp: u64,
 }
 
-impl Layout {
-    /// Creates (if needed) and opens the target and, with --monthly, the month directory.
-    pub fn open(opts: LayoutOptions, timestamp: u64) -> Result<Layout> {
+impl Target {
+    /// Creates (if needed) and opens the target and, with --monthly, the month folder.
+    pub fn open(opts: TargetOptions, timestamp: u64) -> Result<Target> {
         let target = Dir::create_all(&opts.target).with_context(|| {
             format!(
                 "{}: cannot create the backup directory (is the target writable?)",
@@ -71,7 +70,7 @@ impl Layout {
         } else {
             Dir::open(target.path())?
         };
-        Ok(Layout {
+        Ok(Target {
             opts,
             target,
             root,
@@ -79,9 +78,19 @@ impl Layout {
         })
     }
 
-    /// `<target>` or `<target>/YYYY-MM`.
+    /// The chain root: `<target>` or `<target>/YYYY-MM`.
     pub fn root(&self) -> &Path {
         self.root.path()
+    }
+
+    /// The chain root, opened.
+    pub fn root_dir(&self) -> &Dir {
+        &self.root
+    }
+
+    /// The disk directories share the chain root (`--no-subdir`).
+    pub fn shares_root(&self) -> bool {
+        self.opts.no_subdir
     }
 
     pub fn disk_dir(&self, disk_name: &str) -> PathBuf {
@@ -107,52 +116,48 @@ impl Layout {
         })
     }
 
-    pub fn file_name(&self, level: Level, disk_name: &str) -> String {
-        if self.opts.no_timestamp {
-            format!("{}-{disk_name}", level.prefix())
-        } else {
-            format!("{}-{}-{disk_name}", level.prefix(), self.timestamp)
+    /// Locks the chain root (its uuid file, and with --no-subdir every disk's files) for
+    /// this run.
+    pub fn lock_root(&self) -> Result<DirLock> {
+        DirLock::acquire(&self.root)
+    }
+
+    /// Locks the opened directory `dir` of the disk `disk_name`, unless it is the chain root
+    /// (--no-subdir), which [`Target::lock_root`] locks.
+    pub fn lock_disk_dir(&self, dir: &Dir) -> Result<Option<DirLock>> {
+        if self.opts.no_subdir {
+            return Ok(None);
         }
+        DirLock::acquire(dir).map(Some)
+    }
+
+    /// The name of this run's backup of a disk.
+    pub fn file_name(&self, level: BackupLevel, disk_name: &str) -> String {
+        let ts = (!self.opts.no_timestamp).then_some(self.timestamp);
+        backup_file_name(level, ts, disk_name)
     }
 
     pub fn uuid_file(&self) -> PathBuf {
-        self.root.join("uuid")
+        self.root.join(name::UUID_FILE)
     }
 
+    /// The uuid of the chain in the chain root, if any.
     pub fn read_uuid(&self) -> Result<Option<String>> {
-        let read = self
-            .root
-            .read_small("uuid", MAX_UUID_FILE)
-            .with_context(|| format!("{}: cannot read", self.uuid_file().display()))?;
-        let Some(bytes) = read else { return Ok(None) };
-        let text = String::from_utf8_lossy(&bytes);
-        let uuid = text.trim();
-        if uuid.is_empty() {
-            return Ok(None);
-        }
-        check_uuid(uuid).with_context(|| {
-            format!(
-                "{}: does not hold a chain uuid; remove it to start a new chain",
-                self.uuid_file().display()
-            )
-        })?;
-        Ok(Some(uuid.to_string()))
+        uuid::read_uuid(&self.root)
     }
 
     pub fn write_uuid(&self, uuid: &str) -> Result<()> {
-        self.root
-            .write_atomic("uuid", format!("{uuid}\n").as_bytes())
-            .with_context(|| format!("{}: cannot write", self.uuid_file().display()))
+        uuid::write_uuid(&self.root, uuid)
     }
 
     /// The backups of one disk in its directory: with --no-subdir, only the files whose
     /// name part is exactly this disk's.
-    fn scan_disk(&self, disk_name: &str) -> Result<Option<Directory>> {
+    pub fn scan_disk(&self, disk_name: &str) -> Result<Option<DiskDir>> {
         let dir = self.disk_dir(disk_name);
         if !dir.is_dir() {
             return Ok(None);
         }
-        let mut d = Directory::scan(&dir, None)?;
+        let mut d = DiskDir::scan(&dir, None)?;
         if self.opts.no_subdir {
             d.retain(|f| f.disk_part() == disk_name);
         }
@@ -178,18 +183,17 @@ impl Layout {
             return Ok(moved);
         };
         for e in entries.flatten() {
-            let Ok(name) = e.file_name().into_string() else {
+            let Ok(partial) = e.file_name().into_string() else {
                 continue;
             };
-            let Some(backup) = name.strip_suffix(".partial") else {
+            let Some(backup) = name::backup_of_partial(&partial) else {
                 continue;
             };
-            let ours = BackupFile::parse(Path::new(backup))
-                .is_some_and(|f| !self.opts.no_subdir || f.disk_part() == disk_name);
-            if ours {
-                let to = format!("{name}.failed-{}", self.timestamp);
-                dir.rename(&name, &to)
-                    .with_context(|| format!("{}: cannot move aside", dir.join(&name).display()))?;
+            if !self.opts.no_subdir || name::is_backup_of(backup, disk_name) {
+                let to = name::moved_aside_name(&partial, self.timestamp);
+                dir.rename(&partial, &to).with_context(|| {
+                    format!("{}: cannot move aside", dir.join(&partial).display())
+                })?;
                 moved.push(dir.join(&to));
             }
         }
@@ -197,16 +201,16 @@ impl Layout {
     }
 
     /// After a successful monthly backup: `<target>/current` → `YYYY-MM`.
-    pub fn update_symlink(&self) -> Result<()> {
+    pub fn update_current_link(&self) -> Result<()> {
         if !self.opts.monthly || self.opts.no_symlink {
             return Ok(());
         }
         self.target
-            .replace_symlink(&month_of(self.timestamp), "current")
+            .replace_symlink(&month_of(self.timestamp), CURRENT_LINK)
             .with_context(|| {
                 format!(
                     "{}: cannot point it at this month",
-                    self.target.join("current").display()
+                    self.target.join(CURRENT_LINK).display()
                 )
             })
     }
