@@ -116,3 +116,165 @@ pub fn decide_level(
     }
     Ok(LevelChoice { level, why_full })
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::backup::level::*;
+    use crate::qmp::types::DirtyBitmap;
+    use std::cell::Cell;
+
+    fn bitmap(inconsistent: bool, busy: bool) -> DirtyBitmap {
+        serde_json::from_value(serde_json::json!({
+            "name": "qmpbackup-u1", "inconsistent": inconsistent, "busy": busy
+        }))
+        .unwrap()
+    }
+
+    /// Decides with the given facts; `has_full` answers `full_on_disk` and counts its calls.
+    fn decide(
+        requested: RequestedLevel,
+        target_uuid: Option<&str>,
+        bitmap: Option<&DirtyBitmap>,
+        full_on_disk: bool,
+    ) -> (Result<LevelChoice>, usize) {
+        let calls = Cell::new(0);
+        let facts = DiskFacts {
+            label: "vda",
+            bitmap_name: "qmpbackup-u1",
+            bitmap,
+            target_uuid,
+            run_uuid: "u1",
+            disk_dir: Path::new("/t/vda.qcow2"),
+        };
+        let r = decide_level(requested, &facts, || {
+            calls.set(calls.get() + 1);
+            Ok(full_on_disk)
+        });
+        (r, calls.get())
+    }
+
+    fn level(r: Result<LevelChoice>) -> BackupLevel {
+        r.unwrap().level
+    }
+
+    #[test]
+    fn auto_continues_a_sound_chain_with_an_inc() {
+        let b = bitmap(false, false);
+        let (r, _) = decide(RequestedLevel::Auto, Some("u1"), Some(&b), true);
+        assert_eq!(
+            r.unwrap(),
+            LevelChoice {
+                level: BackupLevel::Inc,
+                why_full: None
+            }
+        );
+    }
+
+    #[test]
+    fn auto_takes_a_full_and_says_why() {
+        let ok = bitmap(false, false);
+        let bad = bitmap(true, false);
+        for (target_uuid, bm, full, why) in [
+            (None, Some(&ok), true, "no chain in the target yet"),
+            (Some("u1"), None, true, "bitmap qmpbackup-u1 is missing"),
+            (
+                Some("u1"),
+                Some(&bad),
+                true,
+                "bitmap qmpbackup-u1 is inconsistent",
+            ),
+            (
+                Some("u1"),
+                Some(&ok),
+                false,
+                "no full backup for it in the target",
+            ),
+        ] {
+            let (r, _) = decide(RequestedLevel::Auto, target_uuid, bm, full);
+            let c = r.unwrap();
+            assert_eq!(c.level, BackupLevel::Full);
+            assert!(c.why_full.as_deref().unwrap().contains(why), "{c:?}");
+        }
+    }
+
+    #[test]
+    fn inc_without_a_chain_is_an_error() {
+        let e = chain_uuid(
+            RequestedLevel::Inc,
+            None,
+            None,
+            Path::new("/t"),
+            || unreachable!(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("no full backup in /t"), "{e}");
+        let ok = bitmap(false, false);
+        let (r, _) = decide(RequestedLevel::Inc, Some("u1"), Some(&ok), false);
+        let e = r.unwrap_err().to_string();
+        assert!(e.contains("no full backup in /t/vda.qcow2"), "{e}");
+        let (r, _) = decide(RequestedLevel::Inc, Some("u1"), None, true);
+        assert!(r.unwrap_err().to_string().contains("is missing on vda"));
+        let bad = bitmap(true, false);
+        let (r, _) = decide(RequestedLevel::Inc, Some("u1"), Some(&bad), true);
+        assert!(r.unwrap_err().to_string().contains("inconsistent"));
+    }
+
+    #[test]
+    fn a_busy_bitmap_stops_an_inc_but_not_a_full() {
+        let busy = bitmap(false, true);
+        for requested in [RequestedLevel::Inc, RequestedLevel::Auto] {
+            let (r, _) = decide(requested, Some("u1"), Some(&busy), true);
+            assert!(r.unwrap_err().to_string().contains("is in use"));
+        }
+        let (r, _) = decide(RequestedLevel::Full, Some("u1"), Some(&busy), true);
+        assert_eq!(level(r), BackupLevel::Full);
+    }
+
+    #[test]
+    fn full_and_copy_are_taken_as_asked() {
+        let ok = bitmap(false, false);
+        for (requested, expected) in [
+            (RequestedLevel::Full, BackupLevel::Full),
+            (RequestedLevel::Copy, BackupLevel::Copy),
+        ] {
+            for bm in [None, Some(&ok)] {
+                for target_uuid in [None, Some("u1"), Some("other")] {
+                    let (r, _) = decide(requested, target_uuid, bm, false);
+                    assert_eq!(level(r), expected);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_directory_is_scanned_only_when_it_matters() {
+        // A full for a new chain never looks at the disk's directory (which may hold files
+        // a scan refuses, such as --no-timestamp names).
+        let ok = bitmap(false, false);
+        let (_, calls) = decide(RequestedLevel::Full, Some("old"), Some(&ok), true);
+        assert_eq!(calls, 0);
+        let (_, calls) = decide(RequestedLevel::Auto, None, Some(&ok), true);
+        assert_eq!(calls, 0);
+        let (_, calls) = decide(RequestedLevel::Auto, Some("u1"), Some(&ok), true);
+        assert_eq!(calls, 1);
+    }
+
+    #[test]
+    fn the_chain_uuid_is_new_for_a_full_and_kept_otherwise() {
+        let root = Path::new("/t");
+        let new = || "fresh".to_string();
+        let uuid = |r, old, given| chain_uuid(r, old, given, root, new).unwrap();
+        assert_eq!(uuid(RequestedLevel::Full, Some("old"), None), "fresh");
+        assert_eq!(
+            uuid(RequestedLevel::Full, Some("old"), Some("mine")),
+            "mine"
+        );
+        assert_eq!(uuid(RequestedLevel::Auto, Some("old"), Some("mine")), "old");
+        assert_eq!(uuid(RequestedLevel::Auto, None, Some("mine")), "mine");
+        assert_eq!(uuid(RequestedLevel::Auto, None, None), "fresh");
+        assert_eq!(uuid(RequestedLevel::Inc, Some("old"), None), "old");
+        assert_eq!(uuid(RequestedLevel::Copy, Some("old"), None), "old");
+        assert_eq!(uuid(RequestedLevel::Copy, None, None), "fresh");
+    }
+}

@@ -180,3 +180,158 @@ impl DiskDir {
         latest.until(u)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::store::disk_dir::DiskDir;
+    use std::path::Path;
+
+    /// A directory holding files of these names (a few bytes each: the scan reads names).
+    fn dir_with(names: &[&str]) -> tempfile::TempDir {
+        let tmp = tempfile::tempdir().unwrap();
+        for n in names {
+            std::fs::write(tmp.path().join(n), b"x").unwrap();
+        }
+        tmp
+    }
+
+    fn names(files: &[&crate::store::file::BackupFile]) -> Vec<String> {
+        files.iter().map(|f| f.name.clone()).collect()
+    }
+
+    #[test]
+    fn chains_are_ordered_by_the_time_in_the_names() {
+        let tmp = dir_with(&[
+            "INC-300-d",
+            "FULL-100-d",
+            "INC-200-d",
+            "FULL-400-d",
+            "INC-500-d",
+            "COPY-250-d",
+            "INC-50-d",
+        ]);
+        let d = DiskDir::scan(tmp.path(), None).unwrap();
+        assert_eq!(d.chains.len(), 2);
+        assert_eq!(
+            names(&d.chains[0].files()),
+            ["FULL-100-d", "INC-200-d", "INC-300-d"]
+        );
+        assert_eq!(names(&d.chains[1].files()), ["FULL-400-d", "INC-500-d"]);
+        assert_eq!(d.copies[0].name, "COPY-250-d");
+        assert_eq!(d.orphans[0].name, "INC-50-d");
+        assert_eq!(d.latest().unwrap().full.name, "FULL-400-d");
+    }
+
+    #[test]
+    fn a_full_and_an_inc_of_the_same_second_keep_their_order() {
+        let tmp = dir_with(&["INC-100-d", "FULL-100-d"]);
+        let d = DiskDir::scan(tmp.path(), None).unwrap();
+        assert_eq!(names(&d.chains[0].files()), ["FULL-100-d", "INC-100-d"]);
+    }
+
+    #[test]
+    fn side_files_and_the_lock_file_are_skipped() {
+        let tmp = dir_with(&[
+            "FULL-100-d",
+            "FULL-100-d.manifest",
+            "FULL-100-d.manifest.tmp",
+            "d.config",
+            ".lock",
+            ".d.fleece-100.qcow2",
+            "INC-200-d.partial.failed-300",
+            "notes.txt",
+            "image",
+        ]);
+        std::fs::create_dir(tmp.path().join("INC-150-dir")).unwrap();
+        let d = DiskDir::scan(tmp.path(), None).unwrap();
+        assert_eq!(d.chains.len(), 1);
+        assert!(d.chains[0].incs.is_empty() && d.copies.is_empty() && d.orphans.is_empty());
+    }
+
+    #[test]
+    fn unfinished_and_untimed_backups_are_errors() {
+        let tmp = dir_with(&["FULL-100-d", "INC-200-d.partial"]);
+        let e = DiskDir::scan(tmp.path(), None).unwrap_err().to_string();
+        assert!(
+            e.contains("unfinished backup files (INC-200-d.partial)"),
+            "{e}"
+        );
+        let tmp = dir_with(&["FULL-d"]);
+        let e = DiskDir::scan(tmp.path(), None).unwrap_err().to_string();
+        assert!(e.contains("has no timestamp"), "{e}");
+        // A COPY without a time starts no chain: skipped, as before.
+        let tmp = dir_with(&["FULL-1-d", "COPY-d"]);
+        assert!(DiskDir::scan(tmp.path(), None).unwrap().copies.is_empty());
+    }
+
+    #[test]
+    fn a_special_file_named_like_a_backup_is_skipped() {
+        let tmp = dir_with(&["FULL-100-d"]);
+        let fifo = std::ffi::CString::new(
+            tmp.path()
+                .join("INC-200-d")
+                .into_os_string()
+                .into_encoded_bytes(),
+        )
+        .unwrap();
+        // SAFETY: mkfifo with a valid C string.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+        let d = DiskDir::scan(tmp.path(), None).unwrap();
+        assert!(d.chains[0].incs.is_empty());
+    }
+
+    #[test]
+    fn the_filter_and_retain_narrow_the_files() {
+        let tmp = dir_with(&["FULL-100-a", "INC-200-a", "FULL-150-b", "INC-250-b"]);
+        let d = DiskDir::scan(tmp.path(), Some("-b")).unwrap();
+        assert_eq!(
+            names(&d.latest().unwrap().files()),
+            ["FULL-150-b", "INC-250-b"]
+        );
+        let mut d = DiskDir::scan(tmp.path(), None).unwrap();
+        assert_eq!(
+            names(&d.latest().unwrap().files()),
+            ["FULL-150-b", "INC-200-a", "INC-250-b"]
+        );
+        d.retain(|f| f.disk_part() == "a");
+        assert_eq!(d.chains.len(), 1);
+        assert_eq!(
+            names(&d.latest().unwrap().files()),
+            ["FULL-100-a", "INC-200-a"]
+        );
+    }
+
+    #[test]
+    fn until_finds_a_point_in_an_older_chain() {
+        let tmp = dir_with(&[
+            "FULL-100-d",
+            "INC-200-d",
+            "INC-300-d",
+            "FULL-400-d",
+            "INC-500-d",
+        ]);
+        let d = DiskDir::scan(tmp.path(), None).unwrap();
+        let c = d.chain_until(None).unwrap();
+        assert_eq!(names(&c.files()), ["FULL-400-d", "INC-500-d"]);
+        let c = d.chain_until(Some("INC-200")).unwrap();
+        assert_eq!(names(&c.files()), ["FULL-100-d", "INC-200-d"]);
+        let c = d.chain_until(Some("FULL-400-d")).unwrap();
+        assert_eq!(names(&c.files()), ["FULL-400-d"]);
+        let e = d.chain_until(Some("INC-999")).unwrap_err().to_string();
+        assert!(e.contains("points: FULL-400-d, INC-500-d"), "{e}");
+    }
+
+    #[test]
+    fn no_full_and_no_directory_are_errors() {
+        let tmp = dir_with(&["INC-200-d", "COPY-100-d"]);
+        let d = DiskDir::scan(tmp.path(), None).unwrap();
+        let e = d.latest().unwrap_err().to_string();
+        assert!(e.contains("no full backup in"), "{e}");
+        assert!(d.chain_until(Some("INC-200")).is_err());
+        let e = DiskDir::scan(Path::new("/nonexistent/d"), None).unwrap_err();
+        assert!(
+            e.to_string().contains("cannot read the backup directory"),
+            "{e}"
+        );
+    }
+}

@@ -158,3 +158,78 @@ fn holder(file: &File) -> String {
         None => "pid unknown".to_string(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::fsutil::Dir;
+    use crate::store::lock::DirLock;
+
+    #[test]
+    fn a_second_writer_is_refused_while_the_first_holds_the_lock() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = Dir::open(tmp.path()).unwrap();
+        let first = DirLock::acquire(&dir).unwrap();
+        let lock_file = tmp.path().join(".lock");
+        assert_eq!(
+            std::fs::read_to_string(&lock_file).unwrap(),
+            format!("{}\n", std::process::id())
+        );
+        // flock is per open file: a second acquire in this process is a second writer.
+        let e = DirLock::acquire(&dir).unwrap_err().to_string();
+        assert!(
+            e.contains("another qmpbackup/qmprestore is working on")
+                && e.contains(&format!("pid {}", std::process::id())),
+            "{e}"
+        );
+        drop(first);
+        assert!(!lock_file.exists(), "released locks leave no file");
+        let again = DirLock::acquire(&dir).unwrap();
+        drop(again);
+    }
+
+    #[test]
+    fn a_leftover_lock_file_is_reused() {
+        // What a killed holder leaves: the file, without the lock.
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(tmp.path().join(".lock"), "12345\n").unwrap();
+        let dir = Dir::open(tmp.path()).unwrap();
+        let lock = DirLock::acquire(&dir).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(tmp.path().join(".lock")).unwrap(),
+            format!("{}\n", std::process::id())
+        );
+        drop(lock);
+        assert!(!tmp.path().join(".lock").exists());
+    }
+
+    #[test]
+    fn planted_lock_files_are_refused_untouched() {
+        let tmp = tempfile::tempdir().unwrap();
+        let victim = tmp.path().join("victim");
+        std::fs::write(&victim, "keep").unwrap();
+        let d = tmp.path().join("d");
+        std::fs::create_dir(&d).unwrap();
+        let dir = Dir::open(&d).unwrap();
+        // A symlink, and a hard link to another file.
+        std::os::unix::fs::symlink(&victim, d.join(".lock")).unwrap();
+        let e = DirLock::acquire(&dir).unwrap_err().to_string();
+        assert!(e.contains("not a lock file this tool made"), "{e}");
+        std::fs::remove_file(d.join(".lock")).unwrap();
+        std::fs::hard_link(&victim, d.join(".lock")).unwrap();
+        let e = DirLock::acquire(&dir).unwrap_err().to_string();
+        assert!(e.contains("not a lock file this tool made"), "{e}");
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep");
+        std::fs::remove_file(d.join(".lock")).unwrap();
+        std::fs::create_dir(d.join(".lock")).unwrap();
+        assert!(DirLock::acquire(&dir).is_err());
+    }
+
+    #[test]
+    fn a_lock_in_a_missing_directory_fails_cleanly() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = Dir::open(tmp.path()).unwrap();
+        std::fs::remove_dir(tmp.path()).unwrap();
+        let e = format!("{:#}", DirLock::acquire(&dir).unwrap_err());
+        assert!(e.contains("cannot create the lock file"), "{e}");
+    }
+}

@@ -487,3 +487,119 @@ mod stream {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::store::manifest::*;
+
+    /// A raw image of `len` bytes of a pattern (raw: every byte is the image's own).
+    fn raw_image(dir: &Path, len: usize) -> PathBuf {
+        let path = dir.join("COPY-1-d.raw");
+        let data: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
+        std::fs::write(&path, data).unwrap();
+        path
+    }
+
+    #[test]
+    fn runs_are_written_as_three_element_arrays() {
+        let run = Run::new(65536, 512, "0badf00d".into());
+        let json = serde_json::to_string(&run).unwrap();
+        assert_eq!(json, r#"[65536,512,"0badf00d"]"#);
+        assert_eq!(serde_json::from_str::<Run>(&json).unwrap(), run);
+        assert!(serde_json::from_str::<Run>(r#"{"start":1}"#).is_err());
+        assert!(serde_json::from_str::<Run>(r#"[1,2]"#).is_err());
+        assert!(serde_json::from_str::<Run>(r#"[-1,2,"x"]"#).is_err());
+    }
+
+    #[test]
+    fn run_builder_cuts_at_run_size_and_at_gaps() {
+        let mut b = RunBuilder::new();
+        let chunk = vec![1u8; 1 << 20];
+        let mut off = RUN_SIZE - (2 << 20);
+        for _ in 0..4 {
+            b.feed(off, &chunk);
+            off += chunk.len() as u64;
+        }
+        b.feed(off + 4096, &chunk[..4096]);
+        let runs = b.finish();
+        let spans: Vec<(u64, u64)> = runs.iter().map(|r| (r.start, r.len)).collect();
+        assert_eq!(
+            spans,
+            [
+                (RUN_SIZE - (2 << 20), 2 << 20),
+                (RUN_SIZE, 2 << 20),
+                (RUN_SIZE + (2 << 20) + 4096, 4096)
+            ]
+        );
+        let crc = format!("{:08x}", crc32fast::hash(&chunk[..4096]));
+        assert_eq!(runs[2].crc, crc);
+        assert!(RunBuilder::default().finish().is_empty());
+    }
+
+    #[test]
+    fn write_then_read_back_and_verify() {
+        let tmp = tempfile::tempdir().unwrap();
+        let image = raw_image(tmp.path(), 3 << 20);
+        assert_eq!(read_manifest(&image).unwrap(), None);
+        assert_eq!(verify_manifest(&image).unwrap(), None);
+        let written = write_manifest(&image, Some("u-1")).unwrap();
+        assert_eq!(
+            manifest_path(&image),
+            tmp.path().join("COPY-1-d.raw.manifest")
+        );
+        assert_eq!(load_manifest(&image).unwrap().unwrap(), written);
+        let header = read_manifest(&image).unwrap().unwrap();
+        assert_eq!(
+            (
+                header.file.as_str(),
+                header.virtual_size,
+                header.uuid.as_deref()
+            ),
+            ("COPY-1-d.raw", 3 << 20, Some("u-1"))
+        );
+        assert_eq!(written.runs.iter().map(|r| r.len).sum::<u64>(), 3 << 20);
+        assert_eq!(verify_manifest(&image).unwrap().unwrap(), header);
+    }
+
+    #[test]
+    fn changed_data_is_found() {
+        let tmp = tempfile::tempdir().unwrap();
+        let image = raw_image(tmp.path(), 1 << 20);
+        write_manifest(&image, None).unwrap();
+        let mut data = std::fs::read(&image).unwrap();
+        data[4242] ^= 1;
+        std::fs::write(&image, data).unwrap();
+        let e = verify_manifest(&image).unwrap_err().to_string();
+        assert!(e.contains("checksum mismatch"), "{e}");
+    }
+
+    #[test]
+    fn damaged_manifests_are_reported_as_damaged() {
+        let tmp = tempfile::tempdir().unwrap();
+        let image = raw_image(tmp.path(), 1 << 20);
+        let path = manifest_path(&image);
+        for bad in [
+            "",
+            "{",
+            "[]",
+            r#"{"version":1}"#,
+            r#"{"format":"other","version":1,"runs":[]}"#,
+            r#"{"format":"qmpbackup-manifest","version":2,"runs":[]}"#,
+            r#"{"format":"qmpbackup-manifest","version":1,"runs":[[0,1]]}"#,
+            r#"{"format":"qmpbackup-manifest","version":1,"runs":[]} trailing"#,
+        ] {
+            std::fs::write(&path, bad).unwrap();
+            let e = read_manifest(&image).unwrap_err().to_string();
+            assert!(e.contains("damaged checksum manifest"), "{bad}: {e}");
+            assert!(load_manifest(&image).is_err(), "{bad}");
+        }
+        // Runs out of order or past the end are damage too, found while verifying.
+        std::fs::write(
+            &path,
+            r#"{"format":"qmpbackup-manifest","version":1,"file":"x","virtual-size":1048576,"run-size":67108864,"uuid":null,"runs":[[0,4194304,"00000000"]]}"#,
+        )
+        .unwrap();
+        let e = verify_manifest(&image).unwrap_err().to_string();
+        assert!(e.contains("past the disk's end"), "{e}");
+    }
+}

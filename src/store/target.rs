@@ -215,3 +215,128 @@ impl Target {
             })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::store::level::BackupLevel;
+    use crate::store::target::{month_of, Target, TargetOptions};
+    use std::path::Path;
+
+    /// 2024-01-26 09:17:26 UTC.
+    const TS: u64 = 1706260646;
+
+    fn open(base: &Path, f: impl FnOnce(&mut TargetOptions)) -> Target {
+        let mut opts = TargetOptions {
+            target: base.join("t"),
+            ..Default::default()
+        };
+        f(&mut opts);
+        Target::open(opts, TS).unwrap()
+    }
+
+    #[test]
+    fn months_are_utc_year_and_month() {
+        assert_eq!(month_of(0), "1970-01");
+        assert_eq!(month_of(TS), "2024-01");
+        // The last second of February in a leap year, and the first of March.
+        assert_eq!(month_of(1709251199), "2024-02");
+        assert_eq!(month_of(1709251200), "2024-03");
+    }
+
+    #[test]
+    fn monthly_roots_and_the_current_link() {
+        let tmp = tempfile::tempdir().unwrap();
+        let t = open(tmp.path(), |o| o.monthly = true);
+        assert_eq!(t.root(), tmp.path().join("t/2024-01"));
+        assert!(t.root().is_dir());
+        assert_eq!(t.disk_dir("vda"), tmp.path().join("t/2024-01/vda"));
+        t.update_current_link().unwrap();
+        let link = tmp.path().join("t/current");
+        assert_eq!(std::fs::read_link(&link).unwrap(), Path::new("2024-01"));
+        // Replaced, not followed, when it points elsewhere.
+        std::fs::remove_file(&link).unwrap();
+        std::os::unix::fs::symlink("/", &link).unwrap();
+        t.update_current_link().unwrap();
+        assert_eq!(std::fs::read_link(&link).unwrap(), Path::new("2024-01"));
+    }
+
+    #[test]
+    fn no_current_link_without_monthly_or_with_no_symlink() {
+        let tmp = tempfile::tempdir().unwrap();
+        let t = open(tmp.path(), |o| {
+            o.monthly = true;
+            o.no_symlink = true;
+        });
+        t.update_current_link().unwrap();
+        let t2 = open(tmp.path(), |_| {});
+        t2.update_current_link().unwrap();
+        assert!(tmp.path().join("t/current").symlink_metadata().is_err());
+        assert_eq!(t2.root(), tmp.path().join("t"));
+    }
+
+    #[test]
+    fn a_symlink_in_place_of_the_month_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(tmp.path().join("t")).unwrap();
+        std::os::unix::fs::symlink(tmp.path(), tmp.path().join("t/2024-01")).unwrap();
+        let opts = TargetOptions {
+            target: tmp.path().join("t"),
+            monthly: true,
+            ..Default::default()
+        };
+        assert!(Target::open(opts, TS).is_err());
+    }
+
+    #[test]
+    fn file_names_with_and_without_time() {
+        let tmp = tempfile::tempdir().unwrap();
+        let t = open(tmp.path(), |_| {});
+        assert_eq!(
+            t.file_name(BackupLevel::Inc, "vda"),
+            format!("INC-{TS}-vda")
+        );
+        let t = open(tmp.path(), |o| o.no_timestamp = true);
+        assert_eq!(t.file_name(BackupLevel::Copy, "vda"), "COPY-vda");
+    }
+
+    #[test]
+    fn has_full_with_no_subdir_counts_only_this_disks_files() {
+        let tmp = tempfile::tempdir().unwrap();
+        let t = open(tmp.path(), |o| o.no_subdir = true);
+        std::fs::write(t.root().join("FULL-1-vdb"), b"x").unwrap();
+        std::fs::write(t.root().join("FULL-1-vda.qcow2"), b"x").unwrap();
+        assert!(t.has_full("vdb").unwrap());
+        assert!(t.has_full("vda.qcow2").unwrap());
+        assert!(!t.has_full("vda").unwrap());
+        assert_eq!(t.disk_dir("vda"), t.root());
+        let t = open(tmp.path(), |_| {});
+        assert!(!t.has_full("vda").unwrap(), "no directory: no full");
+    }
+
+    #[test]
+    fn partials_are_moved_aside_only_for_this_disk() {
+        let tmp = tempfile::tempdir().unwrap();
+        let t = open(tmp.path(), |o| o.no_subdir = true);
+        for n in ["INC-5-vda.partial", "INC-5-vdb.partial", "notes.partial"] {
+            std::fs::write(t.root().join(n), b"x").unwrap();
+        }
+        let moved = t.move_aside_partials("vda").unwrap();
+        assert_eq!(
+            moved,
+            [t.root().join(format!("INC-5-vda.partial.failed-{TS}"))]
+        );
+        assert!(t.root().join("INC-5-vdb.partial").exists());
+        assert!(t.root().join("notes.partial").exists());
+        assert!(t.move_aside_partials("vdc").unwrap().is_empty());
+    }
+
+    #[test]
+    fn the_uuid_lives_in_the_chain_root() {
+        let tmp = tempfile::tempdir().unwrap();
+        let t = open(tmp.path(), |o| o.monthly = true);
+        assert_eq!(t.read_uuid().unwrap(), None);
+        t.write_uuid("u-1").unwrap();
+        assert_eq!(t.uuid_file(), tmp.path().join("t/2024-01/uuid"));
+        assert_eq!(t.read_uuid().unwrap().as_deref(), Some("u-1"));
+    }
+}
