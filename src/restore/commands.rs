@@ -603,3 +603,41 @@ impl Listing {
         s
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::fsutil::Dir;
+    use crate::restore::commands::{commit, rebase, snapshotrebase};
+    use crate::restore::options::{Common, DirOptions};
+    use crate::store::lock::DirLock;
+
+    #[test]
+    fn commands_that_change_the_chain_wait_for_no_one() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(tmp.path().join("FULL-1-d"), b"not an image").unwrap();
+        let c = Common {
+            source: DirOptions {
+                dir: tmp.path().to_path_buf(),
+                filter: None,
+            },
+            ..Default::default()
+        };
+        let held = DirLock::acquire(&Dir::open(tmp.path()).unwrap()).unwrap();
+        for e in [
+            commit(&c, 0).unwrap_err(),
+            snapshotrebase(&c, 0).unwrap_err(),
+            rebase(&c, false).unwrap_err(),
+        ] {
+            assert!(
+                e.to_string()
+                    .contains("another qmpbackup/qmprestore is working on"),
+                "{e}"
+            );
+        }
+        drop(held);
+        // Released: the command gets past the lock (and stops at the bad file instead).
+        let e = format!("{:#}", commit(&c, 0).unwrap_err());
+        assert!(!e.contains("another qmpbackup"), "{e}");
+        assert!(!tmp.path().join(".lock").exists());
+    }
+}
