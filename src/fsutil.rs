@@ -137,6 +137,21 @@ impl Dir {
         Ok(File::from(self.openat(&component(name)?, flags, 0o666)?))
     }
 
+    /// Opens the existing file `name` for reading and writing, without following a symlink
+    /// and without blocking on a FIFO; nothing is created or truncated.
+    pub fn open_existing(&self, name: &str) -> io::Result<File> {
+        let flags = libc::O_RDWR | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC;
+        Ok(File::from(self.openat(&component(name)?, flags, 0)?))
+    }
+
+    /// A second handle on the same open directory.
+    pub fn try_clone(&self) -> io::Result<Dir> {
+        Ok(Dir {
+            fd: self.fd.try_clone()?,
+            path: self.path.clone(),
+        })
+    }
+
     /// Metadata of `name` without following a symlink; None when nothing is there.
     pub fn lstat(&self, name: &str) -> io::Result<Option<libc::stat>> {
         let c = component(name)?;

@@ -167,7 +167,7 @@ fn backup_dir() -> BackupDir {
     std::fs::create_dir(&root).unwrap();
     let points = build(&root, 1000, "disk1.qcow2");
     for (f, _) in &points {
-        qmpbackup::manifest::write_manifest(&root.join(f), Some("uuid-1")).unwrap();
+        qmpbackup::store::manifest::write_manifest(&root.join(f), Some("uuid-1")).unwrap();
     }
     BackupDir {
         _tmp: tmp,
@@ -219,15 +219,15 @@ fn merge_every_point_leaves_backups_untouched() {
         same(d, target.to_str().unwrap(), model);
         // the merged target gets a manifest (built while writing) that verifies by re-reading
         assert!(target.with_extension("qcow2.manifest").exists());
-        qmpbackup::manifest::verify_manifest(&target)
+        qmpbackup::store::manifest::verify_manifest(&target)
             .unwrap()
             .unwrap();
-        let m = qmpbackup::manifest::load_manifest(&target)
+        let m = qmpbackup::store::manifest::load_manifest(&target)
             .unwrap()
             .unwrap();
         assert_eq!(
             m.runs,
-            qmpbackup::manifest::compute_runs(&target).unwrap().1
+            qmpbackup::store::manifest::compute_runs(&target).unwrap().1
         );
     }
     // Without --until: the newest point.
@@ -1276,8 +1276,15 @@ fn verify_streams_a_manifest_of_millions_of_runs() {
         json.push_str(&format!("[{i},1,\"{crc:08x}\"]"));
     }
     // The rest as the real manifest has it.
-    let real = qmpbackup::manifest::load_manifest(&full).unwrap().unwrap();
-    for (s, l, c) in &real.runs {
+    let real = qmpbackup::store::manifest::load_manifest(&full)
+        .unwrap()
+        .unwrap();
+    for qmpbackup::store::manifest::Run {
+        start: s,
+        len: l,
+        crc: c,
+    } in &real.runs
+    {
         let (mut s, mut l) = (*s, *l);
         if s < n as u64 {
             let cut = (n as u64 - s).min(l);

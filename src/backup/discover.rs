@@ -2,8 +2,8 @@
 //! `query-named-block-nodes` (every node): the format node under the device, its image
 //! file, size, bitmaps, and the qdev path used to switch the device to a filter.
 
+use crate::qmp::client::{Qmp, QmpError};
 use crate::qmp::types::{BlockInfo, DirtyBitmap, NamedNode};
-use crate::qmp::{Qmp, QmpError};
 use serde::Serialize;
 use serde_json::json;
 
@@ -295,7 +295,7 @@ pub async fn leftover_nodes(qmp: &Qmp) -> Result<Vec<NamedNode>, QmpError> {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use crate::backup::discover::*;
 
     fn disk(file: &str, device: &str, qdev: Option<&str>, node: &str) -> Disk {
         Disk {

@@ -3,59 +3,137 @@
 //! manifest, config, uuid) only when every job succeeded.
 
 pub mod discover;
-pub mod layout;
+pub mod level;
 pub mod run;
 
+use crate::backup::discover::Disk;
+use crate::backup::level::{chain_uuid, decide_level, DiskFacts, RequestedLevel};
+use crate::backup::run::{AbortFlag, AgentRef, Planned, RunOptions};
 use crate::fsutil::{self, Dir};
-use crate::manifest;
+use crate::qmp::client::Qmp;
 use crate::qmp::types::{StatusInfo, VersionInfo};
-use crate::qmp::Qmp;
 use crate::report;
-use crate::restore::discover::Level;
+use crate::store::level::BackupLevel;
+use crate::store::manifest;
+use crate::store::name::{config_name, fleece_name, partial_name};
+use crate::store::target::{Target, TargetOptions};
+use crate::store::uuid::{bitmap_name, check_uuid, new_uuid};
 use anyhow::{anyhow, bail, Context, Result};
-use discover::Disk;
-use layout::{Layout, LayoutOptions};
 use qcow2::create::{init_qcow2, CreateOptions};
 use qcow2::storage::FileStorage;
-use run::{AbortFlag, AgentRef, Planned, RunOptions};
 use serde::Serialize;
 use serde_json::json;
 use std::path::PathBuf;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LevelArg {
-    Full,
-    Inc,
-    Auto,
-    Copy,
+/// What a backup run does, as `qmpbackup backup` takes it.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BackupOptions {
+    /// full: a new chain (new bitmap); inc: changes since the last backup of the chain;
+    /// auto: full where no chain can continue, else inc; copy: a standalone full copy that
+    /// leaves the chain alone.
+    #[arg(short = 'l', long, value_enum)]
+    pub level: RequestedLevel,
+    #[command(flatten)]
+    pub target: TargetOptions,
+    /// Only these disks (comma-separated device ids, drive ids or node names).
+    #[arg(short = 'i', long, value_delimiter = ',')]
+    pub include: Vec<String>,
+    /// Not these disks (comma-separated).
+    #[arg(short = 'e', long, value_delimiter = ',')]
+    pub exclude: Vec<String>,
+    /// Also back up raw disks (their change tracking lasts only while QEMU runs).
+    #[arg(long)]
+    pub include_raw: bool,
+    /// Pause the VM for the milliseconds in which the point in time is set.
+    #[arg(long)]
+    pub pause: bool,
+    /// Bytes per second per disk (K/M/G suffixes allowed); 0 = unlimited.
+    #[arg(long, default_value = "0")]
+    pub speed_limit: String,
+    /// Seconds between progress lines when not on a terminal.
+    #[arg(long, default_value_t = 5)]
+    pub progress_interval: u64,
+    /// Seconds a guest write may wait for its copy-before-write before the backup (not the
+    /// guest) fails.
+    #[arg(long, default_value_t = 45)]
+    pub cbw_timeout: u64,
+    /// Compress the backup's clusters.
+    #[arg(long)]
+    pub compress: bool,
+    /// Use this uuid for a new chain's bitmap name (qmpbackup-<uuid>).
+    #[arg(long)]
+    pub uuid: Option<String>,
+    /// Seconds to wait before removing the temporary nodes.
+    #[arg(long, default_value_t = 0)]
+    pub remove_delay: u64,
+    /// Open targets with O_DIRECT (not on tmpfs).
+    #[arg(long = "blockdev-disable-cache")]
+    pub disable_cache: bool,
+    /// AIO mode for the targets.
+    #[arg(
+        long = "blockdev-aio",
+        value_enum,
+        default_value = "threads",
+        value_name = "BLOCKDEV_AIO"
+    )]
+    pub aio: Aio,
+    /// Directory for the temporary fleece images (default: beside the backups).
+    #[arg(long)]
+    pub fleece_dir: Option<PathBuf>,
+    /// Print progress events and the summary as JSON lines on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// Cancel the backup (and fail) when a disk's job has made no progress for this many
+    /// seconds: a stuck storage or QEMU never keeps the run waiting forever.
+    #[arg(long, default_value_t = 1800, value_name = "SECONDS")]
+    pub stall_timeout: u64,
+    /// After SIGINT/SIGTERM (or a stall), how many seconds QEMU gets to cancel the jobs and
+    /// the run to undo its changes; then it leaves, saying what it left (`qmpbackup
+    /// cleanup` removes it). A second signal leaves at once.
+    #[arg(long, default_value_t = 30, value_name = "SECONDS")]
+    pub cancel_timeout: u64,
 }
 
-#[derive(Debug, Clone)]
-pub struct BackupOptions {
-    pub level: LevelArg,
-    pub layout: LayoutOptions,
-    pub include: Vec<String>,
-    pub exclude: Vec<String>,
-    pub include_raw: bool,
-    pub pause: bool,
-    pub speed_limit: u64,
-    pub progress_interval: u64,
-    pub cbw_timeout: u64,
-    pub compress: bool,
-    pub uuid: Option<String>,
-    pub remove_delay: u64,
-    pub disable_cache: bool,
-    pub aio: String,
-    pub fleece_dir: Option<PathBuf>,
-    pub json: bool,
-    pub stall_timeout: std::time::Duration,
-    pub cancel_timeout: std::time::Duration,
+/// QEMU's AIO mode for the backup targets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Aio {
+    Threads,
+    #[value(name = "io_uring")]
+    IoUring,
+}
+
+impl Aio {
+    /// The name QEMU's `aio` option takes.
+    pub fn qemu_name(self) -> &'static str {
+        match self {
+            Aio::Threads => "threads",
+            Aio::IoUring => "io_uring",
+        }
+    }
+}
+
+impl BackupOptions {
+    /// `--speed-limit` in bytes per second (0 = unlimited).
+    pub fn speed_limit_bytes(&self) -> Result<u64> {
+        qcow2::create::parse_size(&self.speed_limit)
+            .with_context(|| format!("invalid --speed-limit {:?}", self.speed_limit))
+    }
+
+    /// How long a job may make no progress before the run is cancelled (at least 1 s).
+    pub fn stall_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.stall_timeout.max(1))
+    }
+
+    /// How long cancelling and undoing may take after a signal or a stall.
+    pub fn cancel_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.cancel_timeout)
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
 pub struct DiskSummary {
     pub disk: String,
-    pub level: Level,
+    pub level: BackupLevel,
     pub file: String,
     pub bytes: u64,
     pub seconds: f64,
@@ -67,25 +145,6 @@ pub struct Summary {
     pub uuid: String,
     pub timestamp: u64,
     pub disks: Vec<DiskSummary>,
-}
-
-fn new_uuid() -> String {
-    let mut b = [0u8; 16];
-    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
-        use std::io::Read;
-        let _ = f.read_exact(&mut b);
-    }
-    b[6] = (b[6] & 0x0f) | 0x40;
-    b[8] = (b[8] & 0x3f) | 0x80;
-    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[0..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..32]
-    )
 }
 
 /// The disks a run covers, after --include/--exclude and the raw/read-only rules.
@@ -139,6 +198,7 @@ pub async fn backup(
     agent: AgentRef<'_>,
     abort: &AbortFlag,
 ) -> Result<Summary> {
+    let speed = opts.speed_limit_bytes()?;
     let version: VersionInfo = qmp.query("query-version", json!({})).await?;
     let fleecing_ok = version.at_least(7, 1);
     report::info(format!(
@@ -166,29 +226,33 @@ pub async fn backup(
         .unwrap_or_default()
         .as_secs();
     if let Some(u) = &opts.uuid {
-        layout::check_uuid(u).context("--uuid")?;
+        check_uuid(u).context("--uuid")?;
     }
-    let layout = Layout::open(opts.layout.clone(), timestamp)?;
-    let old_uuid = layout.read_uuid()?;
+    let target = Target::open(opts.target.clone(), timestamp)?;
+    // Held until the run returns: no other run changes these directories meanwhile.
+    let mut locks = vec![target.lock_root()?];
+    let old_uuid = target.read_uuid()?;
 
     // Levels and the chain's uuid.
-    let uuid = match (opts.level, &old_uuid, &opts.uuid) {
-        (LevelArg::Full, _, Some(u)) => u.clone(),
-        (LevelArg::Full, _, None) => new_uuid(),
-        (LevelArg::Inc, None, _) => bail!(
-            "no full backup in {}: run a full backup first (qmpbackup backup --level full)",
-            layout.root().display()
-        ),
-        (_, Some(u), _) => u.clone(),
-        (_, None, Some(u)) => u.clone(),
-        (_, None, None) => new_uuid(),
-    };
-    let bitmap = format!("qmpbackup-{uuid}");
+    let uuid = chain_uuid(
+        opts.level,
+        old_uuid.as_deref(),
+        opts.uuid.as_deref(),
+        target.root(),
+        new_uuid,
+    )?;
+    let bitmap = bitmap_name(&uuid);
     let mut planned = Vec::new();
     // Per planned disk: its backup directory and the fleece image's, opened.
     let mut dirs: Vec<(Dir, Option<Dir>)> = Vec::new();
     for (i, d) in disks.into_iter().enumerate() {
-        for m in layout.move_aside_partials(&d.name)? {
+        // An existing disk directory is locked before its leftovers are moved aside; a new
+        // one once it is created.
+        let mut disk_lock = match target.open_disk_dir(&d.name, false) {
+            Ok(dir) => target.lock_disk_dir(&dir)?,
+            Err(_) => None,
+        };
+        for m in target.move_aside_partials(&d.name)? {
             report::warn(format!(
                 "{}: an interrupted backup's file was moved aside to {}",
                 d.label(),
@@ -196,58 +260,24 @@ pub async fn backup(
             ));
         }
         let existing = d.bitmap(&bitmap).cloned();
-        let chain_ok = old_uuid.as_deref() == Some(uuid.as_str())
-            && existing.as_ref().is_some_and(|b| !b.inconsistent)
-            && layout.has_full(&d.name)?;
-        let level = match opts.level {
-            LevelArg::Full => Level::Full,
-            LevelArg::Copy => Level::Copy,
-            LevelArg::Inc => {
-                let label = d.label();
-                match &existing {
-                    None => bail!("bitmap {bitmap} is missing on {label}: the chain cannot continue, run a full backup"),
-                    Some(b) if b.inconsistent => bail!(
-                        "bitmap {bitmap} on {label} is inconsistent (QEMU was not shut down cleanly): the chain cannot continue, run a full backup"
-                    ),
-                    Some(b) if b.busy => bail!("bitmap {bitmap} on {label} is in use: is another backup running?"),
-                    _ => {}
-                }
-                if !layout.has_full(&d.name)? {
-                    bail!(
-                        "no full backup in {}: run a full backup first",
-                        layout.disk_dir(&d.name).display()
-                    );
-                }
-                Level::Inc
-            }
-            LevelArg::Auto => {
-                if chain_ok {
-                    Level::Inc
-                } else {
-                    let why = if old_uuid.is_none() {
-                        "no chain in the target yet".to_string()
-                    } else if existing.is_none() {
-                        format!("bitmap {bitmap} is missing (new disk, or QEMU restarted)")
-                    } else if existing.as_ref().is_some_and(|b| b.inconsistent) {
-                        format!("bitmap {bitmap} is inconsistent")
-                    } else {
-                        "no full backup for it in the target".to_string()
-                    };
-                    report::info(format!("{}: full backup ({why})", d.label()));
-                    Level::Full
-                }
-            }
+        let label = d.label();
+        let facts = DiskFacts {
+            label: &label,
+            bitmap_name: &bitmap,
+            bitmap: existing.as_ref(),
+            target_uuid: old_uuid.as_deref(),
+            run_uuid: &uuid,
+            disk_dir: &target.disk_dir(&d.name),
         };
-        if level == Level::Inc && existing.as_ref().is_some_and(|b| b.busy) {
-            bail!(
-                "bitmap {bitmap} on {} is in use: is another backup running?",
-                d.label()
-            );
+        let choice = decide_level(opts.level, &facts, || target.has_full(&d.name))?;
+        if let Some(why) = &choice.why_full {
+            report::info(format!("{label}: full backup ({why})"));
         }
+        let level = choice.level;
         let mut p = Planned::new(d, i, level);
-        p.replace_bitmap = level == Level::Full && existing.is_some();
+        p.replace_bitmap = level == BackupLevel::Full && existing.is_some();
         p.persistent = p.disk.can_persist_bitmaps();
-        if level == Level::Full && !p.persistent {
+        if level == BackupLevel::Full && !p.persistent {
             report::warn(format!(
                 "{}: {} image cannot hold a persistent bitmap; tracking changes only while QEMU runs (after a restart `auto` takes a new full)",
                 p.disk.label(),
@@ -255,10 +285,14 @@ pub async fn backup(
             ));
         }
         p.fleecing = fleecing_ok && p.disk.qdev.is_some() && !p.disk.pflash;
-        let dir = layout.open_disk_dir(&p.disk.name, true)?;
-        let name = layout.file_name(level, &p.disk.name);
+        let dir = target.open_disk_dir(&p.disk.name, true)?;
+        if disk_lock.is_none() {
+            disk_lock = target.lock_disk_dir(&dir)?;
+        }
+        locks.extend(disk_lock);
+        let name = target.file_name(level, &p.disk.name);
         p.final_path = dir.join(&name);
-        p.partial_path = dir.join(&format!("{name}.partial"));
+        p.partial_path = dir.join(&partial_name(&name));
         if dir.exists(&name)? {
             bail!(
                 "{}: exists already (--no-timestamp?); not overwriting a backup",
@@ -271,7 +305,7 @@ pub async fn backup(
                 Some(f) => Dir::create_all(f).with_context(|| {
                     format!("{}: cannot create the fleece directory", f.display())
                 })?,
-                None => layout.open_disk_dir(&p.disk.name, false)?,
+                None => target.open_disk_dir(&p.disk.name, false)?,
             };
             p.fleece_path = Some(fdir.join(&fleece_name(&p.disk.name, timestamp)));
             fleece_dir = Some(fdir);
@@ -304,17 +338,17 @@ pub async fn backup(
         Ok(()) => {
             let run_opts = RunOptions {
                 bitmap: bitmap.clone(),
-                speed: opts.speed_limit,
+                speed,
                 compress: opts.compress,
                 cbw_timeout: opts.cbw_timeout,
                 pause: opts.pause,
                 remove_delay: opts.remove_delay,
                 disable_cache: opts.disable_cache,
-                aio: opts.aio.clone(),
+                aio: opts.aio.qemu_name().into(),
                 progress_interval: opts.progress_interval,
                 json: opts.json,
-                stall_timeout: opts.stall_timeout,
-                cancel_timeout: opts.cancel_timeout,
+                stall_timeout: opts.stall_timeout(),
+                cancel_timeout: opts.cancel_timeout(),
             };
             for p in &planned {
                 report::info(format!(
@@ -390,14 +424,14 @@ pub async fn backup(
             },
         });
     }
-    let starts_chain = planned.iter().any(|p| p.level == Level::Full) || old_uuid.is_none();
-    if starts_chain && planned.iter().all(|p| p.level != Level::Copy) {
-        layout.write_uuid(&uuid)?;
+    let starts_chain = planned.iter().any(|p| p.level == BackupLevel::Full) || old_uuid.is_none();
+    if starts_chain && planned.iter().all(|p| p.level != BackupLevel::Copy) {
+        target.write_uuid(&uuid)?;
     }
     if let Some(old) = old_uuid.filter(|o| *o != uuid) {
         // The previous chain in this target ended: its bitmaps only slow the guest down.
-        if planned.iter().all(|p| p.level == Level::Full) {
-            let old_bitmap = format!("qmpbackup-{old}");
+        if planned.iter().all(|p| p.level == BackupLevel::Full) {
+            let old_bitmap = bitmap_name(&old);
             for p in &planned {
                 if p.disk.bitmap(&old_bitmap).is_some() {
                     let _ = qmp
@@ -410,7 +444,7 @@ pub async fn backup(
             }
         }
     }
-    layout.update_symlink()?;
+    target.update_current_link()?;
     Ok(summary)
 }
 
@@ -453,11 +487,6 @@ fn file_name_of(path: &std::path::Path) -> String {
         .unwrap_or_default()
 }
 
-/// The fleece image's name in the fleece directory.
-fn fleece_name(disk_name: &str, timestamp: u64) -> String {
-    format!(".{disk_name}.fleece-{timestamp}.qcow2")
-}
-
 /// Creates a new empty qcow2 image at `path` in `dir` (nothing may exist there, not even a
 /// symlink) and returns the identity of the file created.
 fn create_image(dir: &Dir, path: &std::path::Path, opts: &CreateOptions) -> Result<(u64, u64)> {
@@ -481,7 +510,7 @@ fn create_image(dir: &Dir, path: &std::path::Path, opts: &CreateOptions) -> Resu
 
 /// `<name>.config`: the source image's info as `qemu-img info --output json` shows it.
 fn write_config(p: &Planned, dir: &Dir) {
-    let name = format!("{}.config", p.disk.name);
+    let name = config_name(&p.disk.name);
     let path = dir.join(&name);
     let res = (|| -> Result<()> {
         let chain =
@@ -531,7 +560,7 @@ pub async fn remove_bitmaps(qmp: &Qmp, uuid: Option<&str>) -> Result<Vec<String>
                 continue;
             };
             let ours = match uuid {
-                Some(u) => name == format!("qmpbackup-{u}"),
+                Some(u) => name == bitmap_name(u),
                 None => name.starts_with("qmpbackup-"),
             };
             if ours {

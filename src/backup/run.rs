@@ -14,12 +14,12 @@
 //! next INC, never lost. Disks without a QOM path (pflash) and QEMU < 7.1 use a plain
 //! `blockdev-backup` from the disk node, whose point in time is its transaction.
 
-use super::discover::{Disk, NODE_PREFIX};
+use crate::backup::discover::{Disk, NODE_PREFIX};
 use crate::qmp::agent::Agent;
+use crate::qmp::client::{Qmp, QmpError};
 use crate::qmp::types::BlockInfo;
-use crate::qmp::{Qmp, QmpError};
 use crate::report;
-use crate::restore::discover::Level;
+use crate::store::level::BackupLevel;
 use anyhow::{anyhow, bail, Result};
 use serde_json::{json, Value};
 use std::collections::HashMap;
@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 #[derive(Debug, Clone)]
 pub struct Planned {
     pub disk: Disk,
-    pub level: Level,
+    pub level: BackupLevel,
     pub fleecing: bool,
     pub persistent: bool,
     /// Remove an existing bitmap of the same name in the cut (new FULL over a broken chain).
@@ -52,7 +52,7 @@ pub struct Planned {
 }
 
 impl Planned {
-    pub fn new(disk: Disk, index: usize, level: Level) -> Planned {
+    pub fn new(disk: Disk, index: usize, level: BackupLevel) -> Planned {
         let n = format!("{NODE_PREFIX}{index}");
         Planned {
             disk,
@@ -158,7 +158,7 @@ impl Abort {
         });
     }
 
-    /// What the QMP client follows (see [`crate::qmp::Qmp::follow_deadline`]).
+    /// What the QMP client follows (see [`crate::qmp::client::Qmp::follow_deadline`]).
     pub fn deadline(&self) -> tokio::sync::watch::Receiver<Option<tokio::time::Instant>> {
         self.deadline.subscribe()
     }
@@ -286,7 +286,7 @@ async fn run_setup(
     // single transaction, so it goes first.
     for p in disks
         .iter()
-        .filter(|p| p.level == Level::Full && p.replace_bitmap)
+        .filter(|p| p.level == BackupLevel::Full && p.replace_bitmap)
     {
         qmp.execute(
             "block-dirty-bitmap-remove",
@@ -323,15 +323,15 @@ async fn run_setup(
     let mut cut = Vec::new();
     for p in disks {
         match p.level {
-            Level::Full => {
+            BackupLevel::Full => {
                 cut.push(json!({"type": "block-dirty-bitmap-add", "data": {"node": p.disk.node, "name": opts.bitmap, "persistent": p.persistent}}));
             }
-            Level::Inc => {
+            BackupLevel::Inc => {
                 cut.push(json!({"type": "block-dirty-bitmap-add", "data": {"node": p.disk.node, "name": frozen, "persistent": false, "disabled": true}}));
                 cut.push(json!({"type": "block-dirty-bitmap-merge", "data": {"node": p.disk.node, "target": frozen, "bitmaps": [opts.bitmap]}}));
                 cut.push(json!({"type": "block-dirty-bitmap-clear", "data": {"node": p.disk.node, "name": opts.bitmap}}));
             }
-            Level::Copy => {}
+            BackupLevel::Copy => {}
         }
     }
     if !cut.is_empty() {
@@ -340,9 +340,9 @@ async fn run_setup(
             .map_err(|e| anyhow!("cutting the dirty bitmaps: {}", e.desc()))?;
         for p in disks {
             match p.level {
-                Level::Full => undo.new_bitmaps.push(p.disk.node.clone()),
-                Level::Inc => undo.frozen.push(p.disk.node.clone()),
-                Level::Copy => {}
+                BackupLevel::Full => undo.new_bitmaps.push(p.disk.node.clone()),
+                BackupLevel::Inc => undo.frozen.push(p.disk.node.clone()),
+                BackupLevel::Copy => {}
             }
         }
     }
@@ -353,7 +353,7 @@ async fn run_setup(
             "driver": "copy-before-write", "node-name": p.cbw, "file": p.disk.node,
             "target": p.flc, "on-cbw-error": "break-snapshot", "cbw-timeout": opts.cbw_timeout,
         });
-        if p.level == Level::Inc {
+        if p.level == BackupLevel::Inc {
             cbw["bitmap"] = json!({"node": p.disk.node, "name": frozen});
         }
         qmp.execute("blockdev-add", cbw).await.map_err(|e| {
@@ -396,14 +396,14 @@ async fn run_setup(
             "speed": opts.speed, "compress": opts.compress,
         });
         match p.level {
-            Level::Full | Level::Copy => backup["sync"] = json!("full"),
-            Level::Inc if p.fleecing => {
+            BackupLevel::Full | BackupLevel::Copy => backup["sync"] = json!("full"),
+            BackupLevel::Inc if p.fleecing => {
                 actions.push(json!({"type": "block-dirty-bitmap-add", "data": {"node": p.snap, "name": opts.bitmap, "persistent": false}}));
                 actions.push(json!({"type": "block-dirty-bitmap-merge", "data": {"node": p.snap, "target": opts.bitmap, "bitmaps": [{"node": p.disk.node, "name": frozen}]}}));
                 backup["sync"] = json!("incremental");
                 backup["bitmap"] = json!(opts.bitmap);
             }
-            Level::Inc => {
+            BackupLevel::Inc => {
                 backup["sync"] = json!("bitmap");
                 backup["bitmap"] = json!(frozen);
                 backup["bitmap-mode"] = json!("never");
@@ -868,13 +868,13 @@ pub async fn repair_leftovers(qmp: &Qmp) -> Result<Vec<String>> {
             done.push(format!("cancelled orphaned job {id}"));
         }
     }
-    let leftovers = super::discover::leftover_nodes(qmp).await?;
+    let leftovers = crate::backup::discover::leftover_nodes(qmp).await?;
     if !leftovers.is_empty() {
         for n in leftovers.iter().filter(|n| n.node_name.ends_with("-snap")) {
             del_node(qmp, &n.node_name).await;
         }
         let blocks: Vec<BlockInfo> = qmp.query("query-block", json!({})).await?;
-        let disks = super::discover::discover(qmp).await?;
+        let disks = crate::backup::discover::discover(qmp).await?;
         for b in blocks {
             let (Some(qdev), Some(ins)) = (b.qdev.clone(), b.inserted.clone()) else {
                 continue;
@@ -912,7 +912,7 @@ pub async fn repair_leftovers(qmp: &Qmp) -> Result<Vec<String>> {
         ));
     }
     // Frozen bitmaps: give their bits back to the live bitmap.
-    for d in super::discover::discover(qmp).await? {
+    for d in crate::backup::discover::discover(qmp).await? {
         for b in &d.bitmaps {
             let Some(name) = b.name.as_deref() else {
                 continue;

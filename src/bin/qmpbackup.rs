@@ -2,12 +2,10 @@
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use qmpbackup::backup::layout::LayoutOptions;
-use qmpbackup::backup::run::Abort;
-use qmpbackup::backup::run::AbortFlag;
-use qmpbackup::backup::{self, BackupOptions, LevelArg};
+use qmpbackup::backup::run::{Abort, AbortFlag};
+use qmpbackup::backup::{self, BackupOptions};
 use qmpbackup::qmp::agent::Agent;
-use qmpbackup::qmp::Qmp;
+use qmpbackup::qmp::client::Qmp;
 use qmpbackup::report;
 use serde_json::json;
 use std::path::PathBuf;
@@ -43,21 +41,6 @@ struct Cli {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
-enum LevelOpt {
-    Full,
-    Inc,
-    Auto,
-    Copy,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum Aio {
-    Threads,
-    #[value(name = "io_uring")]
-    IoUring,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
 enum Show {
     Blockdev,
     Bitmaps,
@@ -65,81 +48,11 @@ enum Show {
 
 #[derive(Args)]
 struct BackupArgs {
-    /// full: a new chain (new bitmap); inc: changes since the last backup of the chain;
-    /// auto: full where no chain can continue, else inc; copy: a standalone full copy that
-    /// leaves the chain alone.
-    #[arg(short = 'l', long, value_enum)]
-    level: LevelOpt,
-    /// Target directory; each disk gets <target>/<disk file name>/.
-    #[arg(short = 't', long)]
-    target: PathBuf,
-    /// Only these disks (comma-separated device ids, drive ids or node names).
-    #[arg(short = 'i', long, value_delimiter = ',')]
-    include: Vec<String>,
-    /// Not these disks (comma-separated).
-    #[arg(short = 'e', long, value_delimiter = ',')]
-    exclude: Vec<String>,
-    /// Also back up raw disks (their change tracking lasts only while QEMU runs).
-    #[arg(long)]
-    include_raw: bool,
-    /// Monthly chains in <target>/YYYY-MM (a new month starts a new chain with auto).
-    #[arg(long)]
-    monthly: bool,
-    /// Put every disk's files directly in the target directory.
-    #[arg(long)]
-    no_subdir: bool,
-    /// Name files <LEVEL>-<disk> without the time (qmprestore needs the time to order chains).
-    #[arg(long)]
-    no_timestamp: bool,
-    /// With --monthly, do not point <target>/current at the month's directory.
-    #[arg(long)]
-    no_symlink: bool,
+    #[command(flatten)]
+    opts: BackupOptions,
     /// Freeze the guest's filesystems (guest agent) around the point in time.
     #[arg(long, alias = "quisce")]
     quiesce: bool,
-    /// Pause the VM for the milliseconds in which the point in time is set.
-    #[arg(long)]
-    pause: bool,
-    /// Bytes per second per disk (K/M/G suffixes allowed); 0 = unlimited.
-    #[arg(long, default_value = "0")]
-    speed_limit: String,
-    /// Seconds between progress lines when not on a terminal.
-    #[arg(long, default_value_t = 5)]
-    progress_interval: u64,
-    /// Seconds a guest write may wait for its copy-before-write before the backup (not the
-    /// guest) fails.
-    #[arg(long, default_value_t = 45)]
-    cbw_timeout: u64,
-    /// Compress the backup's clusters.
-    #[arg(long)]
-    compress: bool,
-    /// Use this uuid for a new chain's bitmap name (qmpbackup-<uuid>).
-    #[arg(long)]
-    uuid: Option<String>,
-    /// Seconds to wait before removing the temporary nodes.
-    #[arg(long, default_value_t = 0)]
-    remove_delay: u64,
-    /// Open targets with O_DIRECT (not on tmpfs).
-    #[arg(long)]
-    blockdev_disable_cache: bool,
-    /// AIO mode for the targets.
-    #[arg(long, value_enum, default_value = "threads")]
-    blockdev_aio: Aio,
-    /// Directory for the temporary fleece images (default: beside the backups).
-    #[arg(long)]
-    fleece_dir: Option<PathBuf>,
-    /// Print progress events and the summary as JSON lines on stdout.
-    #[arg(long)]
-    json: bool,
-    /// Cancel the backup (and fail) when a disk's job has made no progress for this many
-    /// seconds: a stuck storage or QEMU never keeps the run waiting forever.
-    #[arg(long, default_value_t = 1800, value_name = "SECONDS")]
-    stall_timeout: u64,
-    /// After SIGINT/SIGTERM (or a stall), how many seconds QEMU gets to cancel the jobs and
-    /// the run to undo its changes; then it leaves, saying what it left (`qmpbackup
-    /// cleanup` removes it). A second signal leaves at once.
-    #[arg(long, default_value_t = 30, value_name = "SECONDS")]
-    cancel_timeout: u64,
 }
 
 #[derive(Subcommand)]
@@ -216,44 +129,11 @@ async fn run(cli: Cli) -> Result<ExitCode> {
     }
     match cli.command {
         Command::Backup(a) => {
-            let speed = qcow2::create::parse_size(&a.speed_limit)
-                .with_context(|| format!("invalid --speed-limit {:?}", a.speed_limit))?;
-            let opts = BackupOptions {
-                level: match a.level {
-                    LevelOpt::Full => LevelArg::Full,
-                    LevelOpt::Inc => LevelArg::Inc,
-                    LevelOpt::Auto => LevelArg::Auto,
-                    LevelOpt::Copy => LevelArg::Copy,
-                },
-                layout: LayoutOptions {
-                    target: a.target.clone(),
-                    monthly: a.monthly,
-                    no_subdir: a.no_subdir,
-                    no_timestamp: a.no_timestamp,
-                    no_symlink: a.no_symlink,
-                },
-                include: a.include.clone(),
-                exclude: a.exclude.clone(),
-                include_raw: a.include_raw,
-                pause: a.pause,
-                speed_limit: speed,
-                progress_interval: a.progress_interval,
-                cbw_timeout: a.cbw_timeout,
-                compress: a.compress,
-                uuid: a.uuid.clone(),
-                remove_delay: a.remove_delay,
-                disable_cache: a.blockdev_disable_cache,
-                aio: match a.blockdev_aio {
-                    Aio::Threads => "threads".into(),
-                    Aio::IoUring => "io_uring".into(),
-                },
-                fleece_dir: a.fleece_dir.clone(),
-                json: a.json,
-                stall_timeout: Duration::from_secs(a.stall_timeout.max(1)),
-                cancel_timeout: Duration::from_secs(a.cancel_timeout),
-            };
+            let opts = &a.opts;
+            // Refused before connecting, as any other invalid argument.
+            opts.speed_limit_bytes()?;
             let abort: AbortFlag = Abort::new();
-            install_signals(abort.clone(), opts.cancel_timeout);
+            install_signals(abort.clone(), opts.cancel_timeout());
             let qmp = connect(&cli.socket).await?;
             qmp.follow_deadline(abort.deadline());
             let agent = if a.quiesce {
@@ -275,10 +155,10 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             } else {
                 None
             };
-            let result = backup::backup(&qmp, &opts, agent.as_ref(), &abort).await;
+            let result = backup::backup(&qmp, opts, agent.as_ref(), &abort).await;
             match result {
                 Ok(s) => {
-                    if a.json {
+                    if opts.json {
                         println!("{}", json!({"event": "summary", "summary": s}));
                     } else {
                         eprint!("{}", s.human());
@@ -286,7 +166,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                     report::info("backup finished");
                 }
                 Err(e) => {
-                    if a.json {
+                    if opts.json {
                         println!("{}", json!({"event": "error", "error": format!("{e:#}")}));
                     }
                     return Err(e);

@@ -1,9 +1,10 @@
 //! qmprestore: restore qmpbackup chains natively (no qemu-img or any other program).
 
 use anyhow::Result;
-use clap::{Args, Parser, Subcommand};
+use clap::{Parser, Subcommand};
 use qmpbackup::report;
-use qmpbackup::restore::{self, Common};
+use qmpbackup::restore::commands as restore;
+use qmpbackup::restore::options::{CheckOptions, Common, DirOptions, RateOption, UntilOption};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -17,42 +18,13 @@ use std::process::ExitCode;
 #[derive(Parser)]
 #[command(version, propagate_version = true)]
 struct Cli {
-    /// Skip the structural check of each image before restoring (faster; not advised).
-    #[arg(long, global = true)]
-    skip_check: bool,
+    #[command(flatten)]
+    check: CheckOptions,
     /// Print only errors.
     #[arg(long, short = 'q', global = true)]
     quiet: bool,
-    /// Read backup files even while another process (a running QEMU, qemu-img) holds them
-    /// open for writing. Without it such a file is refused: it could be read torn.
-    #[arg(long, global = true)]
-    force_share: bool,
     #[command(subcommand)]
     command: Command,
-}
-
-#[derive(Args, Clone)]
-struct DirArgs {
-    /// The disk's backup directory (e.g. /backup/vm1/disk1).
-    #[arg(long)]
-    dir: PathBuf,
-    /// Use only files whose name contains this string.
-    #[arg(long)]
-    filter: Option<String>,
-}
-
-#[derive(Args, Clone)]
-struct UntilArg {
-    /// Restore up to this point: a file name, the name without extension, or INC-<time>.
-    #[arg(long)]
-    until: Option<String>,
-}
-
-#[derive(Args, Clone)]
-struct RateArg {
-    /// Limit the copy to this many bytes per second (K/M/G suffixes allowed).
-    #[arg(long)]
-    rate_limit: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -64,9 +36,9 @@ enum Command {
     /// Example: qmprestore rebase --dir /backup/disk1 --until INC-1706260646
     Rebase {
         #[command(flatten)]
-        dir: DirArgs,
+        dir: DirOptions,
         #[command(flatten)]
-        until: UntilArg,
+        until: UntilOption,
         /// Show what would change and change nothing.
         #[arg(long)]
         dry_run: bool,
@@ -77,11 +49,11 @@ enum Command {
     /// Example: qmprestore commit --dir /backup/disk1
     Commit {
         #[command(flatten)]
-        dir: DirArgs,
+        dir: DirOptions,
         #[command(flatten)]
-        until: UntilArg,
+        until: UntilOption,
         #[command(flatten)]
-        rate: RateArg,
+        rate: RateOption,
     },
     /// Write the chain's content into a new standalone image; the backup files are not
     /// touched. The target is written under a temporary name and renamed when complete; an
@@ -90,9 +62,9 @@ enum Command {
     /// Example: qmprestore merge --dir /backup/disk1 --targetfile /restore/disk1.qcow2
     Merge {
         #[command(flatten)]
-        dir: DirArgs,
+        dir: DirOptions,
         #[command(flatten)]
-        until: UntilArg,
+        until: UntilOption,
         /// The new image to create.
         #[arg(long)]
         targetfile: PathBuf,
@@ -104,7 +76,7 @@ enum Command {
         #[arg(long)]
         no_reflink: bool,
         #[command(flatten)]
-        rate: RateArg,
+        rate: RateOption,
     },
     /// CHANGES THE BACKUP FILES: snapshot the FULL as `FULL-BACKUP`, then commit each INC into
     /// it and snapshot each point as YYYY-MM-DD-HH:MM:SS (UTC, from the INC's name). The
@@ -114,11 +86,11 @@ enum Command {
     /// Example: qmprestore snapshotrebase --dir /backup/disk1
     Snapshotrebase {
         #[command(flatten)]
-        dir: DirArgs,
+        dir: DirOptions,
         #[command(flatten)]
-        until: UntilArg,
+        until: UntilOption,
         #[command(flatten)]
-        rate: RateArg,
+        rate: RateOption,
     },
     /// Check every backup in the directory: structure, chain continuity, and every data
     /// cluster against the file's checksum manifest where there is one. Exit 0 when sound.
@@ -126,7 +98,7 @@ enum Command {
     /// Example: qmprestore verify --dir /backup/disk1
     Verify {
         #[command(flatten)]
-        dir: DirArgs,
+        dir: DirOptions,
         /// Print the results as JSON on stdout.
         #[arg(long)]
         json: bool,
@@ -136,45 +108,34 @@ enum Command {
     /// Example: qmprestore list --dir /backup/disk1 --json
     List {
         #[command(flatten)]
-        dir: DirArgs,
+        dir: DirOptions,
         #[arg(long)]
         json: bool,
     },
 }
 
-fn common(d: DirArgs, until: Option<String>, flags: (bool, bool)) -> Common {
+fn common(source: DirOptions, until: Option<String>, check: CheckOptions) -> Common {
     Common {
-        dir: d.dir,
-        filter: d.filter,
+        source,
         until,
-        skip_check: flags.0,
-        force_share: flags.1,
-    }
-}
-
-fn rate(r: RateArg) -> Result<u64> {
-    match r.rate_limit {
-        Some(s) => qcow2::create::parse_size(&s).ok_or_else(|| {
-            anyhow::anyhow!("invalid --rate-limit {s:?} (bytes per second, e.g. 50M)")
-        }),
-        None => Ok(0),
+        check,
     }
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
     report::set_quiet(cli.quiet);
-    let skip = (cli.skip_check, cli.force_share);
+    let check = cli.check;
     match cli.command {
         Command::Rebase {
             dir,
             until,
             dry_run,
-        } => restore::rebase(&common(dir, until.until, skip), dry_run)?,
+        } => restore::rebase(&common(dir, until.until, check), dry_run)?,
         Command::Commit {
             dir,
             until,
             rate: r,
-        } => restore::commit(&common(dir, until.until, skip), rate(r)?)?,
+        } => restore::commit(&common(dir, until.until, check), r.bytes_per_second()?)?,
         Command::Merge {
             dir,
             until,
@@ -182,18 +143,18 @@ fn run(cli: Cli) -> Result<ExitCode> {
             no_reflink,
             rate: r,
         } => restore::merge(
-            &common(dir, until.until, skip),
+            &common(dir, until.until, check),
             &targetfile,
             !no_reflink,
-            rate(r)?,
+            r.bytes_per_second()?,
         )?,
         Command::Snapshotrebase {
             dir,
             until,
             rate: r,
-        } => restore::snapshotrebase(&common(dir, until.until, skip), rate(r)?)?,
+        } => restore::snapshotrebase(&common(dir, until.until, check), r.bytes_per_second()?)?,
         Command::Verify { dir, json } => {
-            let results = restore::verify(&common(dir, None, skip))?;
+            let results = restore::verify(&common(dir, None, check))?;
             let bad = results.iter().filter(|r| !r.ok).count();
             if json {
                 println!("{}", serde_json::to_string_pretty(&results)?);
@@ -218,7 +179,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
         }
         Command::List { dir, json } => {
-            let l = restore::list(&common(dir, None, skip))?;
+            let l = restore::list(&common(dir, None, check))?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&l)?);
             } else {

@@ -3,7 +3,7 @@
 //! capabilities and no events; a missing agent shows only as silence, so every read has a
 //! timeout.
 
-use super::wire::{excerpt, read_line_bounded, MAX_MESSAGE};
+use crate::qmp::wire::{excerpt, read_line_bounded, MAX_MESSAGE};
 use serde_json::{json, Value};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};

@@ -1,7 +1,7 @@
 //! A tokio QMP client: one reader task routes replies to their requests by id and queues
 //! events (which QEMU often sends between a command and its reply).
 
-use super::wire::{excerpt, read_line_bounded, MAX_MESSAGE};
+use crate::qmp::wire::{excerpt, read_line_bounded, MAX_MESSAGE};
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 use std::collections::HashMap;

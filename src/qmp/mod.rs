@@ -5,5 +5,3 @@ pub mod agent;
 pub mod client;
 pub mod types;
 pub mod wire;
-
-pub use client::{Event, Qmp, QmpError};

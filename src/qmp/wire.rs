@@ -56,7 +56,7 @@ pub fn excerpt(bytes: &[u8]) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use crate::qmp::wire::*;
 
     #[tokio::test]
     async fn lines_are_bounded() {

@@ -1,9 +1,14 @@
 //! The restore commands: rebase, commit, merge, snapshotrebase, verify, list.
 
-use super::discover::{BackupFile, Chain, Directory};
 use crate::fsutil::Dir;
-use crate::manifest;
 use crate::report;
+use crate::restore::options::Common;
+use crate::store::chain::BackupChain;
+use crate::store::disk_dir::DiskDir;
+use crate::store::file::BackupFile;
+use crate::store::level::BackupLevel;
+use crate::store::lock::DirLock;
+use crate::store::manifest;
 use anyhow::{bail, Context, Result};
 use qcow2::chain::Layer;
 use qcow2::ops::commit::commit_into;
@@ -14,44 +19,20 @@ use qcow2::repair::{repair, RepairMode};
 use qcow2::OpenRwOptions;
 use qcow2::{check, Format, OpenOptions, Qcow2};
 use serde::Serialize;
-use std::path::{Path, PathBuf};
-
-/// Options every command shares.
-#[derive(Debug, Clone, Default)]
-pub struct Common {
-    pub dir: PathBuf,
-    pub filter: Option<String>,
-    pub until: Option<String>,
-    pub skip_check: bool,
-    /// Read backup files even while another process writes them.
-    pub force_share: bool,
-}
+use std::path::Path;
 
 /// The chain a command works on: the newest FULL and its INCs, cut at `--until`.
-pub fn select_chain(c: &Common) -> Result<(Directory, Chain)> {
-    let dir = Directory::scan(&c.dir, c.filter.as_deref())?;
-    let latest = dir.latest()?.clone();
-    if let Some(u) = &c.until {
-        // The point may lie in an older chain: search the newest first.
-        for ch in dir.chains.iter().rev() {
-            if ch.files().iter().any(|f| f.matches_point(u)) {
-                let cut = ch.until(u)?;
-                if ch.full.name != latest.full.name {
-                    report::info(format!(
-                        "{u} belongs to the older chain of {}",
-                        ch.full.name
-                    ));
-                }
-                return Ok((dir, cut));
-            }
-        }
-        // Not found: let the newest chain explain which points exist.
-        latest.until(u)?;
+pub fn select_chain(c: &Common) -> Result<(DiskDir, BackupChain)> {
+    let dir = DiskDir::scan(&c.source.dir, c.source.filter.as_deref())?;
+    if c.until.is_some() {
+        let chain = dir.chain_until(c.until.as_deref())?;
+        return Ok((dir, chain));
     }
+    let latest = dir.latest()?.clone();
     if dir.chains.len() > 1 {
         report::info(format!(
             "{} holds {} chains; using the newest, {} and the {} incremental(s) after it",
-            c.dir.display(),
+            c.source.dir.display(),
             dir.chains.len(),
             latest.full.name,
             latest.incs.len()
@@ -69,6 +50,18 @@ fn open_alone(f: &BackupFile) -> Result<qcow2::Chain> {
         },
     )
     .context("cannot open backup file")
+}
+
+/// Locks the backup directory for a command that changes its files in place. The
+/// directory is opened as the scan would read it, with the scan's message when it cannot.
+fn lock_dir(c: &Common) -> Result<DirLock> {
+    let dir = Dir::open(&c.source.dir).with_context(|| {
+        format!(
+            "{}: cannot read the backup directory",
+            c.source.dir.display()
+        )
+    })?;
+    DirLock::acquire(&dir)
 }
 
 /// Stale COPIED flags (what an interrupted snapshot operation leaves, as QEMU's does) do not
@@ -91,7 +84,7 @@ fn tolerable_stale_flags(f: &BackupFile, r: &check::CheckReport) -> bool {
 /// the same bitmap uuid. Returns the FULL's check report (None with `skip_check`), so a
 /// command that changes the FULL need not check it again.
 pub fn preflight(
-    chain: &Chain,
+    chain: &BackupChain,
     skip_check: bool,
     force_share: bool,
 ) -> Result<Option<check::CheckReport>> {
@@ -104,7 +97,7 @@ pub fn preflight(
 /// [`preflight`] without the in-use check. With `tolerate_bad_manifests`, a manifest that
 /// cannot be read does not stop it (verify reports it for its file).
 fn preflight_files(
-    chain: &Chain,
+    chain: &BackupChain,
     skip_check: bool,
     tolerate_bad_manifests: bool,
 ) -> Result<Option<check::CheckReport>> {
@@ -231,11 +224,13 @@ fn preflight_writable(files: &[&BackupFile]) -> Result<()> {
 /// `rebase`: each INC's backing file set to its predecessor (no data copied); a symlink
 /// `image` points at the newest point.
 pub fn rebase(c: &Common, dry_run: bool) -> Result<()> {
+    let _lock = if dry_run { None } else { Some(lock_dir(c)?) };
     let (_, chain) = select_chain(c)?;
-    preflight(&chain, c.skip_check, c.force_share)?;
+    preflight(&chain, c.check.skip_check, c.check.force_share)?;
     let files = chain.files();
-    let link = c.dir.join("image");
-    let dir = Dir::open(&c.dir).with_context(|| format!("{}: cannot open", c.dir.display()))?;
+    let link = c.source.dir.join("image");
+    let dir = Dir::open(&c.source.dir)
+        .with_context(|| format!("{}: cannot open", c.source.dir.display()))?;
     if !dry_run {
         preflight_writable(&files[1..])?;
         if let Some(st) = dir.lstat("image")? {
@@ -331,8 +326,9 @@ fn interrupted_hint(full: &BackupFile, inc: &BackupFile, cmd: &str) -> String {
 /// `commit`: the INCs committed into the FULL in place, in order; each INC file is removed
 /// once its data is safely in the FULL.
 pub fn commit(c: &Common, rate_limit: u64) -> Result<()> {
+    let _lock = lock_dir(c)?;
     let (_, chain) = select_chain(c)?;
-    let checked = preflight(&chain, c.skip_check, c.force_share)?;
+    let checked = preflight(&chain, c.check.skip_check, c.check.force_share)?;
     let mut full = open_full_for_writing(&chain.full, checked)?;
     for inc in &chain.incs {
         report::info(format!("committing {} into {}", inc.name, chain.full.name));
@@ -364,7 +360,7 @@ fn refresh_manifest(path: &Path) -> Result<()> {
 /// With `share_blocks`, the target shares the backups' data blocks where the filesystem can.
 pub fn merge(c: &Common, target: &Path, share_blocks: bool, rate_limit: u64) -> Result<()> {
     let (_, chain) = select_chain(c)?;
-    preflight(&chain, c.skip_check, c.force_share)?;
+    preflight(&chain, c.check.skip_check, c.check.force_share)?;
     if target.symlink_metadata().is_ok() {
         bail!(
             "{}: target exists; not overwriting it (choose another --targetfile or remove it)",
@@ -431,8 +427,9 @@ pub const FULL_SNAPSHOT: &str = "FULL-BACKUP";
 /// and snapshotted under its timestamp. Resumable: points already snapshotted are skipped.
 /// The INC files are removed once every point is in.
 pub fn snapshotrebase(c: &Common, rate_limit: u64) -> Result<()> {
+    let _lock = lock_dir(c)?;
     let (_, chain) = select_chain(c)?;
-    let checked = preflight(&chain, c.skip_check, c.force_share)?;
+    let checked = preflight(&chain, c.check.skip_check, c.check.force_share)?;
     let mut full = open_full_for_writing(&chain.full, checked)?;
     let existing: Vec<String> = full.snapshots()?.into_iter().map(|s| s.name).collect();
     if !existing.iter().any(|n| n == FULL_SNAPSHOT) {
@@ -479,9 +476,9 @@ pub struct VerifiedFile {
 /// continuity, and every data cluster re-read against its manifest where there is one.
 /// Returns the per-file results; the caller exits non-zero when any failed.
 pub fn verify(c: &Common) -> Result<Vec<VerifiedFile>> {
-    let dir = Directory::scan(&c.dir, c.filter.as_deref())?;
+    let dir = DiskDir::scan(&c.source.dir, c.source.filter.as_deref())?;
     if dir.chains.is_empty() && dir.copies.is_empty() {
-        bail!("no backups in {}", c.dir.display());
+        bail!("no backups in {}", c.source.dir.display());
     }
     let mut out = Vec::new();
     let mut all: Vec<&BackupFile> = Vec::new();
@@ -499,7 +496,7 @@ pub fn verify(c: &Common) -> Result<Vec<VerifiedFile>> {
     all.extend(dir.copies.iter());
     for f in all {
         let res = (|| -> Result<bool> {
-            refuse_in_use(f, c.force_share)?;
+            refuse_in_use(f, c.check.force_share)?;
             let ch = open_alone(f)?;
             let q = ch.top().as_qcow2().expect("qcow2");
             let r = check::check(q)?;
@@ -530,7 +527,7 @@ pub fn verify(c: &Common) -> Result<Vec<VerifiedFile>> {
     Ok(out)
 }
 
-fn preflight_continuity(ch: &Chain) -> Result<()> {
+fn preflight_continuity(ch: &BackupChain) -> Result<()> {
     // Structural checks are done per file by verify itself.
     preflight_files(ch, true, true).map(|_| ())
 }
@@ -538,7 +535,7 @@ fn preflight_continuity(ch: &Chain) -> Result<()> {
 #[derive(Debug, Clone, Serialize)]
 pub struct ListedFile {
     pub file: String,
-    pub level: super::Level,
+    pub level: BackupLevel,
     pub timestamp: u64,
     pub date: String,
     pub file_size: u64,
@@ -565,9 +562,9 @@ fn listed(f: &BackupFile) -> ListedFile {
 
 /// `list`: the chains and their points in time.
 pub fn list(c: &Common) -> Result<Listing> {
-    let dir = Directory::scan(&c.dir, c.filter.as_deref())?;
+    let dir = DiskDir::scan(&c.source.dir, c.source.filter.as_deref())?;
     Ok(Listing {
-        dir: c.dir.display().to_string(),
+        dir: c.source.dir.display().to_string(),
         chains: dir
             .chains
             .iter()
@@ -604,5 +601,43 @@ impl Listing {
             }
         }
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::fsutil::Dir;
+    use crate::restore::commands::{commit, rebase, snapshotrebase};
+    use crate::restore::options::{Common, DirOptions};
+    use crate::store::lock::DirLock;
+
+    #[test]
+    fn commands_that_change_the_chain_wait_for_no_one() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(tmp.path().join("FULL-1-d"), b"not an image").unwrap();
+        let c = Common {
+            source: DirOptions {
+                dir: tmp.path().to_path_buf(),
+                filter: None,
+            },
+            ..Default::default()
+        };
+        let held = DirLock::acquire(&Dir::open(tmp.path()).unwrap()).unwrap();
+        for e in [
+            commit(&c, 0).unwrap_err(),
+            snapshotrebase(&c, 0).unwrap_err(),
+            rebase(&c, false).unwrap_err(),
+        ] {
+            assert!(
+                e.to_string()
+                    .contains("another qmpbackup/qmprestore is working on"),
+                "{e}"
+            );
+        }
+        drop(held);
+        // Released: the command gets past the lock (and stops at the bad file instead).
+        let e = format!("{:#}", commit(&c, 0).unwrap_err());
+        assert!(!e.contains("another qmpbackup"), "{e}");
+        assert!(!tmp.path().join(".lock").exists());
     }
 }

@@ -2,7 +2,4 @@
 //! `qcow2` crate. Every command checks the whole chain before its first write.
 
 pub mod commands;
-pub mod discover;
-
-pub use commands::*;
-pub use discover::{BackupFile, Chain, Directory, Level};
+pub mod options;

@@ -14,6 +14,7 @@
 //! (IEEE, as crc32fast computes it) is over the guest bytes of the run.
 
 use crate::fsutil::{self, Dir};
+use crate::store::name::MANIFEST_SUFFIX;
 use anyhow::{bail, Context, Result};
 use qcow2::{Chain, Format, OpenOptions};
 use serde::de::DeserializeSeed;
@@ -22,8 +23,37 @@ use std::path::{Path, PathBuf};
 
 pub const RUN_SIZE: u64 = 64 << 20;
 
-/// One checksummed run: guest start, length, CRC32 as 8 hex digits.
-pub type Run = (u64, u64, String);
+/// One checksummed run of guest data; written as `[start, length, "crc32 hex"]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Run {
+    /// Guest offset of the run's first byte.
+    pub start: u64,
+    /// Length in bytes (never 0 in a manifest we wrote).
+    pub len: u64,
+    /// CRC32 (IEEE) of the run's guest bytes as 8 lowercase hex digits.
+    pub crc: String,
+}
+
+impl Run {
+    pub fn new(start: u64, len: u64, crc: String) -> Run {
+        Run { start, len, crc }
+    }
+}
+
+// The on-disk form is a 3-element array, not an object: manifests of millions of runs stay
+// compact, and existing manifests stay readable.
+impl Serialize for Run {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        (self.start, self.len, &self.crc).serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Run {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Run, D::Error> {
+        let (start, len, crc) = <(u64, u64, String)>::deserialize(d)?;
+        Ok(Run { start, len, crc })
+    }
+}
 const FORMAT: &str = "qmpbackup-manifest";
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -40,7 +70,7 @@ pub struct Manifest {
 
 pub fn manifest_path(image: &Path) -> PathBuf {
     let mut s = image.as_os_str().to_owned();
-    s.push(".manifest");
+    s.push(MANIFEST_SUFFIX);
     PathBuf::from(s)
 }
 
@@ -76,7 +106,11 @@ pub fn compute_runs(image: &Path) -> Result<(u64, Vec<Run>)> {
         while pos < end {
             let run_end = ((pos / RUN_SIZE) + 1) * RUN_SIZE;
             let run_end = run_end.min(end);
-            runs.push((pos, run_end - pos, crc_of(&chain, pos, run_end, &mut buf)?));
+            runs.push(Run::new(
+                pos,
+                run_end - pos,
+                crc_of(&chain, pos, run_end, &mut buf)?,
+            ));
             pos = run_end;
         }
     }
@@ -119,7 +153,8 @@ impl RunBuilder {
 
     fn close(&mut self) {
         if let Some((s, l, h)) = self.cur.take() {
-            self.runs.push((s, l, format!("{:08x}", h.finalize())));
+            self.runs
+                .push(Run::new(s, l, format!("{:08x}", h.finalize())));
         }
     }
 
@@ -187,7 +222,7 @@ fn open_parent(image: &Path) -> Result<(Dir, String)> {
 
 /// The manifest's name beside an image named `name`.
 pub fn manifest_name(name: &str) -> String {
-    format!("{name}.manifest")
+    format!("{name}{MANIFEST_SUFFIX}")
 }
 
 fn store(
@@ -330,7 +365,7 @@ pub fn verify_manifest(image: &Path) -> Result<Option<ManifestHeader>> {
     };
     let mut pos = 0u64;
     let mut buf = vec![0u8; 4 << 20];
-    let header = read_streaming(image, |(start, len, crc)| {
+    let header = read_streaming(image, |Run { start, len, crc }| {
         let end = start
             .checked_add(len)
             .filter(|&e| len > 0 && start >= pos && e <= size)
@@ -375,7 +410,7 @@ pub fn verify_manifest(image: &Path) -> Result<Option<ManifestHeader>> {
 /// Streaming deserialisation of a manifest: the header's fields are kept, the runs handed
 /// one by one to a callback.
 mod stream {
-    use super::{ManifestHeader, Run};
+    use crate::store::manifest::{ManifestHeader, Run};
     use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
     use std::fmt;
 
@@ -450,5 +485,121 @@ mod stream {
             }
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::store::manifest::*;
+
+    /// A raw image of `len` bytes of a pattern (raw: every byte is the image's own).
+    fn raw_image(dir: &Path, len: usize) -> PathBuf {
+        let path = dir.join("COPY-1-d.raw");
+        let data: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
+        std::fs::write(&path, data).unwrap();
+        path
+    }
+
+    #[test]
+    fn runs_are_written_as_three_element_arrays() {
+        let run = Run::new(65536, 512, "0badf00d".into());
+        let json = serde_json::to_string(&run).unwrap();
+        assert_eq!(json, r#"[65536,512,"0badf00d"]"#);
+        assert_eq!(serde_json::from_str::<Run>(&json).unwrap(), run);
+        assert!(serde_json::from_str::<Run>(r#"{"start":1}"#).is_err());
+        assert!(serde_json::from_str::<Run>(r#"[1,2]"#).is_err());
+        assert!(serde_json::from_str::<Run>(r#"[-1,2,"x"]"#).is_err());
+    }
+
+    #[test]
+    fn run_builder_cuts_at_run_size_and_at_gaps() {
+        let mut b = RunBuilder::new();
+        let chunk = vec![1u8; 1 << 20];
+        let mut off = RUN_SIZE - (2 << 20);
+        for _ in 0..4 {
+            b.feed(off, &chunk);
+            off += chunk.len() as u64;
+        }
+        b.feed(off + 4096, &chunk[..4096]);
+        let runs = b.finish();
+        let spans: Vec<(u64, u64)> = runs.iter().map(|r| (r.start, r.len)).collect();
+        assert_eq!(
+            spans,
+            [
+                (RUN_SIZE - (2 << 20), 2 << 20),
+                (RUN_SIZE, 2 << 20),
+                (RUN_SIZE + (2 << 20) + 4096, 4096)
+            ]
+        );
+        let crc = format!("{:08x}", crc32fast::hash(&chunk[..4096]));
+        assert_eq!(runs[2].crc, crc);
+        assert!(RunBuilder::default().finish().is_empty());
+    }
+
+    #[test]
+    fn write_then_read_back_and_verify() {
+        let tmp = tempfile::tempdir().unwrap();
+        let image = raw_image(tmp.path(), 3 << 20);
+        assert_eq!(read_manifest(&image).unwrap(), None);
+        assert_eq!(verify_manifest(&image).unwrap(), None);
+        let written = write_manifest(&image, Some("u-1")).unwrap();
+        assert_eq!(
+            manifest_path(&image),
+            tmp.path().join("COPY-1-d.raw.manifest")
+        );
+        assert_eq!(load_manifest(&image).unwrap().unwrap(), written);
+        let header = read_manifest(&image).unwrap().unwrap();
+        assert_eq!(
+            (
+                header.file.as_str(),
+                header.virtual_size,
+                header.uuid.as_deref()
+            ),
+            ("COPY-1-d.raw", 3 << 20, Some("u-1"))
+        );
+        assert_eq!(written.runs.iter().map(|r| r.len).sum::<u64>(), 3 << 20);
+        assert_eq!(verify_manifest(&image).unwrap().unwrap(), header);
+    }
+
+    #[test]
+    fn changed_data_is_found() {
+        let tmp = tempfile::tempdir().unwrap();
+        let image = raw_image(tmp.path(), 1 << 20);
+        write_manifest(&image, None).unwrap();
+        let mut data = std::fs::read(&image).unwrap();
+        data[4242] ^= 1;
+        std::fs::write(&image, data).unwrap();
+        let e = verify_manifest(&image).unwrap_err().to_string();
+        assert!(e.contains("checksum mismatch"), "{e}");
+    }
+
+    #[test]
+    fn damaged_manifests_are_reported_as_damaged() {
+        let tmp = tempfile::tempdir().unwrap();
+        let image = raw_image(tmp.path(), 1 << 20);
+        let path = manifest_path(&image);
+        for bad in [
+            "",
+            "{",
+            "[]",
+            r#"{"version":1}"#,
+            r#"{"format":"other","version":1,"runs":[]}"#,
+            r#"{"format":"qmpbackup-manifest","version":2,"runs":[]}"#,
+            r#"{"format":"qmpbackup-manifest","version":1,"runs":[[0,1]]}"#,
+            r#"{"format":"qmpbackup-manifest","version":1,"runs":[]} trailing"#,
+        ] {
+            std::fs::write(&path, bad).unwrap();
+            let e = read_manifest(&image).unwrap_err().to_string();
+            assert!(e.contains("damaged checksum manifest"), "{bad}: {e}");
+            assert!(load_manifest(&image).is_err(), "{bad}");
+        }
+        // Runs out of order or past the end are damage too, found while verifying.
+        std::fs::write(
+            &path,
+            r#"{"format":"qmpbackup-manifest","version":1,"file":"x","virtual-size":1048576,"run-size":67108864,"uuid":null,"runs":[[0,4194304,"00000000"]]}"#,
+        )
+        .unwrap();
+        let e = verify_manifest(&image).unwrap_err().to_string();
+        assert!(e.contains("past the disk's end"), "{e}");
     }
 }

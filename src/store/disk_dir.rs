@@ -1,0 +1,337 @@
+//! A disk directory: one disk's backup files, ordered into chains by the Unix timestamp in
+//! their names (never by file times).
+
+use crate::fsutil::kind_of;
+use crate::report;
+use crate::store::chain::BackupChain;
+use crate::store::file::BackupFile;
+use crate::store::level::BackupLevel;
+use crate::store::name::{backup_of_partial, is_side_file, looks_like_backup, PARTIAL_SUFFIX};
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+
+/// Everything found in a disk directory.
+#[derive(Debug, Clone, Serialize)]
+pub struct DiskDir {
+    pub dir: PathBuf,
+    /// All chains, oldest first.
+    pub chains: Vec<BackupChain>,
+    pub copies: Vec<BackupFile>,
+    /// INC files older than every FULL (no chain to belong to).
+    pub orphans: Vec<BackupFile>,
+}
+
+impl DiskDir {
+    /// Reads a directory. `filter` keeps only file names containing it. Unfinished
+    /// (`.partial`) backups are an error: they are not backups. Side files (manifests,
+    /// configs, the lock file), our temporaries and moved-aside partials are never taken for
+    /// backups; a FIFO, socket or device named like a backup is skipped with a warning,
+    /// never opened.
+    pub fn scan(dir: &Path, filter: Option<&str>) -> Result<DiskDir> {
+        use std::os::unix::ffi::OsStrExt;
+        let entries = std::fs::read_dir(dir)
+            .with_context(|| format!("{}: cannot read the backup directory", dir.display()))?;
+        let mut files = Vec::new();
+        let mut partial = Vec::new();
+        for e in entries {
+            let e =
+                e.with_context(|| format!("{}: cannot read the backup directory", dir.display()))?;
+            let path = e.path();
+            let raw = e.file_name();
+            let Some(name) = raw.to_str() else {
+                if looks_like_backup(raw.as_bytes()) {
+                    bail!(
+                        "{}: the file name is not valid UTF-8; rename it (backup file names are recorded in the chain as text)",
+                        path.display()
+                    );
+                }
+                continue;
+            };
+            if let Some(f) = filter {
+                if !name.contains(f) {
+                    continue;
+                }
+            }
+            if is_side_file(name) {
+                continue;
+            }
+            if name.ends_with(PARTIAL_SUFFIX) {
+                if backup_of_partial(name).is_some() {
+                    partial.push(name.to_string());
+                }
+                continue;
+            }
+            if !looks_like_backup(name.as_bytes()) {
+                continue;
+            }
+            // The type without opening the file: lstat, and stat for a symlink.
+            let file_type = match e.file_type() {
+                Ok(t) if t.is_symlink() => std::fs::metadata(&path).map(|m| m.file_type()),
+                other => other,
+            };
+            match file_type {
+                Ok(t) if t.is_file() => {}
+                Ok(t) if t.is_dir() => continue,
+                Ok(t) => {
+                    report::warn(format!(
+                        "{}: a {}, not a backup file: skipped",
+                        path.display(),
+                        kind_of(&t)
+                    ));
+                    continue;
+                }
+                Err(err) => {
+                    report::warn(format!("{}: skipped: {err}", path.display()));
+                    continue;
+                }
+            }
+            if let Some(b) = BackupFile::parse(&path) {
+                files.push(b);
+            } else if name.starts_with("FULL-") || name.starts_with("INC-") {
+                bail!(
+                    "{}: backup file name has no timestamp (FULL-<unix time>-<name>), so the chain order is unknown",
+                    path.display()
+                );
+            }
+        }
+        if !partial.is_empty() {
+            partial.sort();
+            bail!(
+                "{}: unfinished backup files ({}): a backup was interrupted; move them aside or delete them (they are not backups) and run again",
+                dir.display(),
+                partial.join(", ")
+            );
+        }
+        Ok(DiskDir::from_files(dir.to_path_buf(), files))
+    }
+
+    /// Orders backup files into chains (by the time in their names), copies and orphans.
+    pub fn from_files(dir: PathBuf, mut files: Vec<BackupFile>) -> DiskDir {
+        files.sort_by(|a, b| (a.timestamp, a.level, &a.name).cmp(&(b.timestamp, b.level, &b.name)));
+        let mut chains: Vec<BackupChain> = Vec::new();
+        let mut copies = Vec::new();
+        let mut orphans = Vec::new();
+        for f in files {
+            match f.level {
+                BackupLevel::Full => chains.push(BackupChain {
+                    full: f,
+                    incs: Vec::new(),
+                }),
+                BackupLevel::Inc => match chains.last_mut() {
+                    Some(c) => c.incs.push(f),
+                    None => orphans.push(f),
+                },
+                BackupLevel::Copy => copies.push(f),
+            }
+        }
+        DiskDir {
+            dir,
+            chains,
+            copies,
+            orphans,
+        }
+    }
+
+    /// Keeps only the backups `keep` accepts, and rebuilds the chains from them.
+    pub fn retain(&mut self, keep: impl Fn(&BackupFile) -> bool) {
+        let mut files: Vec<BackupFile> = Vec::new();
+        for c in self.chains.drain(..) {
+            files.push(c.full);
+            files.extend(c.incs);
+        }
+        files.append(&mut self.copies);
+        files.append(&mut self.orphans);
+        files.retain(|f| keep(f));
+        let rebuilt = DiskDir::from_files(self.dir.clone(), files);
+        *self = rebuilt;
+    }
+
+    /// The newest chain (the one restore commands work on).
+    pub fn latest(&self) -> Result<&BackupChain> {
+        self.chains.last().ok_or_else(|| {
+            anyhow::anyhow!(
+                "no full backup in {}: run a full backup first (or point --dir at a disk's backup directory)",
+                self.dir.display()
+            )
+        })
+    }
+
+    /// The chain a command works on: the newest, or with `until` the chain holding that
+    /// point (the newest first), cut after it.
+    pub fn chain_until(&self, until: Option<&str>) -> Result<BackupChain> {
+        let latest = self.latest()?;
+        let Some(u) = until else {
+            return Ok(latest.clone());
+        };
+        for ch in self.chains.iter().rev() {
+            if ch.files().iter().any(|f| f.matches_point(u)) {
+                let cut = ch.until(u)?;
+                if ch.full.name != latest.full.name {
+                    report::info(format!(
+                        "{u} belongs to the older chain of {}",
+                        ch.full.name
+                    ));
+                }
+                return Ok(cut);
+            }
+        }
+        // Not found: let the newest chain explain which points exist.
+        latest.until(u)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::store::disk_dir::DiskDir;
+    use std::path::Path;
+
+    /// A directory holding files of these names (a few bytes each: the scan reads names).
+    fn dir_with(names: &[&str]) -> tempfile::TempDir {
+        let tmp = tempfile::tempdir().unwrap();
+        for n in names {
+            std::fs::write(tmp.path().join(n), b"x").unwrap();
+        }
+        tmp
+    }
+
+    fn names(files: &[&crate::store::file::BackupFile]) -> Vec<String> {
+        files.iter().map(|f| f.name.clone()).collect()
+    }
+
+    #[test]
+    fn chains_are_ordered_by_the_time_in_the_names() {
+        let tmp = dir_with(&[
+            "INC-300-d",
+            "FULL-100-d",
+            "INC-200-d",
+            "FULL-400-d",
+            "INC-500-d",
+            "COPY-250-d",
+            "INC-50-d",
+        ]);
+        let d = DiskDir::scan(tmp.path(), None).unwrap();
+        assert_eq!(d.chains.len(), 2);
+        assert_eq!(
+            names(&d.chains[0].files()),
+            ["FULL-100-d", "INC-200-d", "INC-300-d"]
+        );
+        assert_eq!(names(&d.chains[1].files()), ["FULL-400-d", "INC-500-d"]);
+        assert_eq!(d.copies[0].name, "COPY-250-d");
+        assert_eq!(d.orphans[0].name, "INC-50-d");
+        assert_eq!(d.latest().unwrap().full.name, "FULL-400-d");
+    }
+
+    #[test]
+    fn a_full_and_an_inc_of_the_same_second_keep_their_order() {
+        let tmp = dir_with(&["INC-100-d", "FULL-100-d"]);
+        let d = DiskDir::scan(tmp.path(), None).unwrap();
+        assert_eq!(names(&d.chains[0].files()), ["FULL-100-d", "INC-100-d"]);
+    }
+
+    #[test]
+    fn side_files_and_the_lock_file_are_skipped() {
+        let tmp = dir_with(&[
+            "FULL-100-d",
+            "FULL-100-d.manifest",
+            "FULL-100-d.manifest.tmp",
+            "d.config",
+            ".lock",
+            ".d.fleece-100.qcow2",
+            "INC-200-d.partial.failed-300",
+            "notes.txt",
+            "image",
+        ]);
+        std::fs::create_dir(tmp.path().join("INC-150-dir")).unwrap();
+        let d = DiskDir::scan(tmp.path(), None).unwrap();
+        assert_eq!(d.chains.len(), 1);
+        assert!(d.chains[0].incs.is_empty() && d.copies.is_empty() && d.orphans.is_empty());
+    }
+
+    #[test]
+    fn unfinished_and_untimed_backups_are_errors() {
+        let tmp = dir_with(&["FULL-100-d", "INC-200-d.partial"]);
+        let e = DiskDir::scan(tmp.path(), None).unwrap_err().to_string();
+        assert!(
+            e.contains("unfinished backup files (INC-200-d.partial)"),
+            "{e}"
+        );
+        let tmp = dir_with(&["FULL-d"]);
+        let e = DiskDir::scan(tmp.path(), None).unwrap_err().to_string();
+        assert!(e.contains("has no timestamp"), "{e}");
+        // A COPY without a time starts no chain: skipped, as before.
+        let tmp = dir_with(&["FULL-1-d", "COPY-d"]);
+        assert!(DiskDir::scan(tmp.path(), None).unwrap().copies.is_empty());
+    }
+
+    #[test]
+    fn a_special_file_named_like_a_backup_is_skipped() {
+        let tmp = dir_with(&["FULL-100-d"]);
+        let fifo = std::ffi::CString::new(
+            tmp.path()
+                .join("INC-200-d")
+                .into_os_string()
+                .into_encoded_bytes(),
+        )
+        .unwrap();
+        // SAFETY: mkfifo with a valid C string.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+        let d = DiskDir::scan(tmp.path(), None).unwrap();
+        assert!(d.chains[0].incs.is_empty());
+    }
+
+    #[test]
+    fn the_filter_and_retain_narrow_the_files() {
+        let tmp = dir_with(&["FULL-100-a", "INC-200-a", "FULL-150-b", "INC-250-b"]);
+        let d = DiskDir::scan(tmp.path(), Some("-b")).unwrap();
+        assert_eq!(
+            names(&d.latest().unwrap().files()),
+            ["FULL-150-b", "INC-250-b"]
+        );
+        let mut d = DiskDir::scan(tmp.path(), None).unwrap();
+        assert_eq!(
+            names(&d.latest().unwrap().files()),
+            ["FULL-150-b", "INC-200-a", "INC-250-b"]
+        );
+        d.retain(|f| f.disk_part() == "a");
+        assert_eq!(d.chains.len(), 1);
+        assert_eq!(
+            names(&d.latest().unwrap().files()),
+            ["FULL-100-a", "INC-200-a"]
+        );
+    }
+
+    #[test]
+    fn until_finds_a_point_in_an_older_chain() {
+        let tmp = dir_with(&[
+            "FULL-100-d",
+            "INC-200-d",
+            "INC-300-d",
+            "FULL-400-d",
+            "INC-500-d",
+        ]);
+        let d = DiskDir::scan(tmp.path(), None).unwrap();
+        let c = d.chain_until(None).unwrap();
+        assert_eq!(names(&c.files()), ["FULL-400-d", "INC-500-d"]);
+        let c = d.chain_until(Some("INC-200")).unwrap();
+        assert_eq!(names(&c.files()), ["FULL-100-d", "INC-200-d"]);
+        let c = d.chain_until(Some("FULL-400-d")).unwrap();
+        assert_eq!(names(&c.files()), ["FULL-400-d"]);
+        let e = d.chain_until(Some("INC-999")).unwrap_err().to_string();
+        assert!(e.contains("points: FULL-400-d, INC-500-d"), "{e}");
+    }
+
+    #[test]
+    fn no_full_and_no_directory_are_errors() {
+        let tmp = dir_with(&["INC-200-d", "COPY-100-d"]);
+        let d = DiskDir::scan(tmp.path(), None).unwrap();
+        let e = d.latest().unwrap_err().to_string();
+        assert!(e.contains("no full backup in"), "{e}");
+        assert!(d.chain_until(Some("INC-200")).is_err());
+        let e = DiskDir::scan(Path::new("/nonexistent/d"), None).unwrap_err();
+        assert!(
+            e.to_string().contains("cannot read the backup directory"),
+            "{e}"
+        );
+    }
+}
