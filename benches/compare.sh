@@ -9,6 +9,8 @@
 #                the INCs, the other copies the FULL and then as many INC bytes as the
 #                merged output has beyond the FULL's size
 #   ours-commit  qmprestore commit (on a copy of the directory)
+# and, with BASELINE=/path/to/an/older/qmprestore, base-merge and base-commit: the same two
+# commands of that build, to show a change's effect side by side;
 # and prints median and best wall time, CPU time, peak RSS and the ratios; every output is
 # compared with qemu-img compare. Usage: bash benches/compare.sh [RUNS]  (needs qemu-img,
 # qemu-io). On a VM whose memory is populated lazily or handed back to the host (free page
@@ -98,6 +100,13 @@ for r in $(seq "$RUNS"); do
   rm -rf "$W/cm"; mkdir "$W/cm"; cp "$D"/*.qcow2 "$W/cm/"
   measure ours-commit "$B/qmprestore" -q commit --dir "$W/cm"
   verify "$W/cm/FULL-1000-disk.qcow2"; rm -rf "$W/cm"
+  if [ -n "${BASELINE:-}" ]; then
+    measure base-merge "$BASELINE" -q merge --dir "$D" --targetfile "$W/out-base.qcow2"
+    verify "$W/out-base.qcow2"; rm -f "$W/out-base.qcow2" "$W/out-base.qcow2.manifest"
+    rm -rf "$W/cm"; mkdir "$W/cm"; cp "$D"/*.qcow2 "$W/cm/"
+    measure base-commit "$BASELINE" -q commit --dir "$W/cm"
+    verify "$W/cm/FULL-1000-disk.qcow2"; rm -rf "$W/cm"
+  fi
 done
 echo "all outputs compare equal and check clean" >&2
 python3 - "$W/results" <<'PY'
@@ -115,4 +124,7 @@ print(f"merge / qemu-img convert -W -m 16 = {ratio('ours-merge', 'qemu-convert')
 print(f"merge / copy bound               = {ratio('ours-merge', 'copy-bound')}  (target <= 1.5)")
 print(f"merge peak RSS                    = {med['ours-merge'][2]/1024:.1f} MiB (target <= 64)")
 print(f"commit / original method         = {ratio('ours-commit', 'orig-method')}  (target <= 0.5)")
+if 'base-merge' in rows:
+    print(f"merge / baseline merge           = {ratio('ours-merge', 'base-merge')}")
+    print(f"commit / baseline commit         = {ratio('ours-commit', 'base-commit')}")
 PY

@@ -5,39 +5,12 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use testkit::oracle::{qemu_img, qemu_io};
 
 const MIB: usize = 1 << 20;
 
 fn run(cmd: &str, args: &[&str], cwd: &Path) -> (i32, String, String) {
-    let out = Command::new(cmd)
-        .args(args)
-        .current_dir(cwd)
-        .env("TZ", "UTC")
-        .output()
-        .unwrap_or_else(|e| panic!("{cmd}: {e} (install the oracles: bash .ci/install-qemu)"));
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-fn qemu_img(cwd: &Path, args: &[&str]) -> String {
-    let (c, o, e) = run("qemu-img", args, cwd);
-    assert_eq!(c, 0, "qemu-img {args:?}: {o}{e}");
-    o
-}
-
-fn qemu_io(cwd: &Path, file: &str, cmds: &[String]) {
-    let mut args = vec!["-f".to_string(), "qcow2".into()];
-    for c in cmds {
-        args.push("-c".into());
-        args.push(c.clone());
-    }
-    args.push(file.into());
-    let a: Vec<&str> = args.iter().map(String::as_str).collect();
-    let (c, o, e) = run("qemu-io", &a, cwd);
-    assert!(c == 0 && !o.contains("failed"), "qemu-io {cmds:?}: {o}{e}");
+    testkit::oracle::run_tool(cmd, args, Some(cwd))
 }
 
 /// qmprestore with no PATH at all, in `cwd`.
@@ -146,7 +119,7 @@ fn build(root: &Path, base_ts: u64, disk: &str) -> Vec<(String, String)> {
             qemu_img(root, &["convert", "-c", "-O", "qcow2", &name, &tmp]);
             std::fs::rename(root.join(&tmp), root.join(&name)).unwrap();
             // convert drops zero clusters; put the zeroing back as ZERO clusters.
-            qemu_io(root, &name, &["write -z 5242880 524288".into()]);
+            qemu_io(root, &name, &["write -z 5242880 524288"]);
         }
         let m = format!("model-{base_ts}-{}.raw", i + 1);
         std::fs::write(root.join(&m), &model).unwrap();
@@ -816,7 +789,7 @@ fn merge_on_xfs_shares_blocks_with_the_backups() {
     let (c, _, e) = restore(&d, &["verify", "--dir", "."]);
     assert_eq!(c, 0, "{e}");
     // Shared blocks are copy-on-write: writing the output leaves the backups alone.
-    qemu_io(&x.mnt, "out.qcow2", &["write -P 0x77 0 64M".into()]);
+    qemu_io(&x.mnt, "out.qcow2", &["write -P 0x77 0 64M"]);
     same(&d, full, "../full-model.raw");
     clean(&d, inc);
     // 512-byte clusters are smaller than XFS's blocks: every range is refused, the writer
@@ -826,10 +799,10 @@ fn merge_on_xfs_shares_blocks_with_the_backups() {
     let sfull = "FULL-1000-disk2.qcow2";
     let opts = ["create", "-q", "-f", "qcow2", "-o", "cluster_size=512"];
     qemu_img(&small, &[&opts[..], &[sfull, "4M"]].concat());
-    qemu_io(&small, sfull, &["write -P 0x61 0 3M".into()]);
+    qemu_io(&small, sfull, &["write -P 0x61 0 3M"]);
     let sinc = "INC-1100-disk2.qcow2";
     qemu_img(&small, &[&opts[..], &[sinc, "4M"]].concat());
-    qemu_io(&small, sinc, &["write -P 0x62 1000k 9k".into()]);
+    qemu_io(&small, sinc, &["write -P 0x62 1000k 9k"]);
     restore_ok(
         &small,
         &["merge", "--dir", ".", "--targetfile", "../small.qcow2"],
@@ -1279,7 +1252,7 @@ fn verify_streams_a_manifest_of_millions_of_runs() {
     let real = qmpbackup::store::manifest::load_manifest(&full)
         .unwrap()
         .unwrap();
-    for qmpbackup::store::manifest::Run {
+    for qmpbackup::store::manifest::CheckedRun {
         start: s,
         len: l,
         crc: c,

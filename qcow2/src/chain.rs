@@ -338,7 +338,9 @@ impl Chain {
         let end = start.saturating_add(len).min(self.virtual_size());
         let mut pending: Option<Extent> = None;
         let mut off = start;
-        let mut batch = Vec::with_capacity(MAP_BATCH);
+        // Grown as needed: a small range (a copy window) maps to a few extents, and a large
+        // up-front allocation per call would cost more than the mapping.
+        let mut batch = Vec::new();
         while off < end {
             batch.clear();
             off = self.map_batch(off, end - off, MAP_BATCH, stop_at, &mut batch)?;

@@ -25,7 +25,7 @@ pub const RUN_SIZE: u64 = 64 << 20;
 
 /// One checksummed run of guest data; written as `[start, length, "crc32 hex"]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Run {
+pub struct CheckedRun {
     /// Guest offset of the run's first byte.
     pub start: u64,
     /// Length in bytes (never 0 in a manifest we wrote).
@@ -34,24 +34,24 @@ pub struct Run {
     pub crc: String,
 }
 
-impl Run {
-    pub fn new(start: u64, len: u64, crc: String) -> Run {
-        Run { start, len, crc }
+impl CheckedRun {
+    pub fn new(start: u64, len: u64, crc: String) -> CheckedRun {
+        CheckedRun { start, len, crc }
     }
 }
 
 // The on-disk form is a 3-element array, not an object: manifests of millions of runs stay
 // compact, and existing manifests stay readable.
-impl Serialize for Run {
+impl Serialize for CheckedRun {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         (self.start, self.len, &self.crc).serialize(s)
     }
 }
 
-impl<'de> Deserialize<'de> for Run {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Run, D::Error> {
+impl<'de> Deserialize<'de> for CheckedRun {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<CheckedRun, D::Error> {
         let (start, len, crc) = <(u64, u64, String)>::deserialize(d)?;
-        Ok(Run { start, len, crc })
+        Ok(CheckedRun { start, len, crc })
     }
 }
 const FORMAT: &str = "qmpbackup-manifest";
@@ -65,7 +65,7 @@ pub struct Manifest {
     pub virtual_size: u64,
     pub run_size: u64,
     pub uuid: Option<String>,
-    pub runs: Vec<Run>,
+    pub runs: Vec<CheckedRun>,
 }
 
 pub fn manifest_path(image: &Path) -> PathBuf {
@@ -85,7 +85,7 @@ fn open_alone(image: &Path) -> Result<Chain> {
 }
 
 /// The allocated runs of an image alone, with their checksums.
-pub fn compute_runs(image: &Path) -> Result<(u64, Vec<Run>)> {
+pub fn compute_runs(image: &Path) -> Result<(u64, Vec<CheckedRun>)> {
     let chain = open_alone(image)?;
     let is_raw = chain.top().format() == Format::Raw;
     let mut spans: Vec<(u64, u64)> = Vec::new();
@@ -106,7 +106,7 @@ pub fn compute_runs(image: &Path) -> Result<(u64, Vec<Run>)> {
         while pos < end {
             let run_end = ((pos / RUN_SIZE) + 1) * RUN_SIZE;
             let run_end = run_end.min(end);
-            runs.push(Run::new(
+            runs.push(CheckedRun::new(
                 pos,
                 run_end - pos,
                 crc_of(&chain, pos, run_end, &mut buf)?,
@@ -133,7 +133,7 @@ fn crc_of(chain: &Chain, start: u64, end: u64, buf: &mut [u8]) -> Result<String>
 /// Builds the runs of a manifest from data as it is written (in guest order), so an image
 /// we write ourselves needs no second read.
 pub struct RunBuilder {
-    runs: Vec<Run>,
+    runs: Vec<CheckedRun>,
     cur: Option<(u64, u64, crc32fast::Hasher)>,
 }
 
@@ -154,7 +154,7 @@ impl RunBuilder {
     fn close(&mut self) {
         if let Some((s, l, h)) = self.cur.take() {
             self.runs
-                .push(Run::new(s, l, format!("{:08x}", h.finalize())));
+                .push(CheckedRun::new(s, l, format!("{:08x}", h.finalize())));
         }
     }
 
@@ -176,7 +176,7 @@ impl RunBuilder {
         }
     }
 
-    pub fn finish(mut self) -> Vec<Run> {
+    pub fn finish(mut self) -> Vec<CheckedRun> {
         self.close();
         self.runs
     }
@@ -187,7 +187,7 @@ pub fn write_manifest_runs(
     image: &Path,
     uuid: Option<&str>,
     virtual_size: u64,
-    runs: Vec<Run>,
+    runs: Vec<CheckedRun>,
 ) -> Result<Manifest> {
     let (dir, name) = open_parent(image)?;
     store(&dir, &name, uuid, virtual_size, runs)
@@ -230,7 +230,7 @@ fn store(
     name: &str,
     uuid: Option<&str>,
     virtual_size: u64,
-    runs: Vec<Run>,
+    runs: Vec<CheckedRun>,
 ) -> Result<Manifest> {
     let m = Manifest {
         format: FORMAT.into(),
@@ -274,7 +274,7 @@ fn damaged(path: &Path, what: impl std::fmt::Display) -> anyhow::Error {
 /// manifest of millions of runs needs no memory for them. Ok(None) when there is none.
 fn read_streaming(
     image: &Path,
-    mut on_run: impl FnMut(Run) -> Result<()>,
+    mut on_run: impl FnMut(CheckedRun) -> Result<()>,
 ) -> Result<Option<ManifestHeader>> {
     let path = manifest_path(image);
     let file = match fsutil::open_regular(&path) {
@@ -365,7 +365,7 @@ pub fn verify_manifest(image: &Path) -> Result<Option<ManifestHeader>> {
     };
     let mut pos = 0u64;
     let mut buf = vec![0u8; 4 << 20];
-    let header = read_streaming(image, |Run { start, len, crc }| {
+    let header = read_streaming(image, |CheckedRun { start, len, crc }| {
         let end = start
             .checked_add(len)
             .filter(|&e| len > 0 && start >= pos && e <= size)
@@ -410,11 +410,11 @@ pub fn verify_manifest(image: &Path) -> Result<Option<ManifestHeader>> {
 /// Streaming deserialisation of a manifest: the header's fields are kept, the runs handed
 /// one by one to a callback.
 mod stream {
-    use crate::store::manifest::{ManifestHeader, Run};
+    use crate::store::manifest::{CheckedRun, ManifestHeader};
     use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
     use std::fmt;
 
-    pub type OnRun<'a> = &'a mut dyn FnMut(Run) -> Result<(), ()>;
+    pub type OnRun<'a> = &'a mut dyn FnMut(CheckedRun) -> Result<(), ()>;
 
     pub struct HeaderSeed<'a> {
         pub on_run: OnRun<'a>,
@@ -478,7 +478,7 @@ mod stream {
             f.write_str("a list of [start, length, crc32] runs")
         }
         fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
-            while let Some(run) = seq.next_element::<Run>()? {
+            while let Some(run) = seq.next_element::<CheckedRun>()? {
                 if (self.on_run)(run).is_err() {
                     return Err(de::Error::custom("stopped"));
                 }
@@ -502,13 +502,13 @@ mod tests {
 
     #[test]
     fn runs_are_written_as_three_element_arrays() {
-        let run = Run::new(65536, 512, "0badf00d".into());
+        let run = CheckedRun::new(65536, 512, "0badf00d".into());
         let json = serde_json::to_string(&run).unwrap();
         assert_eq!(json, r#"[65536,512,"0badf00d"]"#);
-        assert_eq!(serde_json::from_str::<Run>(&json).unwrap(), run);
-        assert!(serde_json::from_str::<Run>(r#"{"start":1}"#).is_err());
-        assert!(serde_json::from_str::<Run>(r#"[1,2]"#).is_err());
-        assert!(serde_json::from_str::<Run>(r#"[-1,2,"x"]"#).is_err());
+        assert_eq!(serde_json::from_str::<CheckedRun>(&json).unwrap(), run);
+        assert!(serde_json::from_str::<CheckedRun>(r#"{"start":1}"#).is_err());
+        assert!(serde_json::from_str::<CheckedRun>(r#"[1,2]"#).is_err());
+        assert!(serde_json::from_str::<CheckedRun>(r#"[-1,2,"x"]"#).is_err());
     }
 
     #[test]

@@ -31,7 +31,8 @@ impl Scratch {
     }
 }
 
-fn run(cmd: &str, args: &[&str], cwd: Option<&Path>) -> (i32, String, String) {
+/// Runs a program (with `LC_ALL=C`, `TZ=UTC`), returning its exit code, stdout and stderr.
+pub fn run_tool(cmd: &str, args: &[&str], cwd: Option<&Path>) -> (i32, String, String) {
     let mut c = Command::new(cmd);
     c.args(args).env("LC_ALL", "C").env("TZ", "UTC");
     if let Some(d) = cwd {
@@ -49,24 +50,24 @@ fn run(cmd: &str, args: &[&str], cwd: Option<&Path>) -> (i32, String, String) {
 
 /// Runs qemu-img in `cwd`, asserting success; returns stdout.
 pub fn qemu_img(cwd: &Path, args: &[&str]) -> String {
-    let (code, out, err) = run("qemu-img", args, Some(cwd));
+    let (code, out, err) = run_tool("qemu-img", args, Some(cwd));
     assert_eq!(code, 0, "qemu-img {args:?} failed: {err}");
     out
 }
 
 pub fn qemu_img_status(cwd: &Path, args: &[&str]) -> (i32, String, String) {
-    run("qemu-img", args, Some(cwd))
+    run_tool("qemu-img", args, Some(cwd))
 }
 
 /// Runs qemu-io with each command as a -c, asserting success.
-pub fn qemu_io(cwd: &Path, file: &str, cmds: &[&str]) {
+pub fn qemu_io(cwd: &Path, file: &str, cmds: &[impl AsRef<str> + std::fmt::Debug]) {
     let mut args: Vec<&str> = vec!["-f", "qcow2"];
     for c in cmds {
         args.push("-c");
-        args.push(c);
+        args.push(c.as_ref());
     }
     args.push(file);
-    let (code, out, err) = run("qemu-io", &args, Some(cwd));
+    let (code, out, err) = run_tool("qemu-io", &args, Some(cwd));
     assert!(
         code == 0 && !out.contains("failed") && !err.contains("failed"),
         "qemu-io {cmds:?} on {file} failed: {out}{err}"
@@ -74,7 +75,7 @@ pub fn qemu_io(cwd: &Path, file: &str, cmds: &[&str]) {
 }
 
 pub fn qemu_io_raw_args(cwd: &Path, args: &[&str]) -> (i32, String, String) {
-    run("qemu-io", args, Some(cwd))
+    run_tool("qemu-io", args, Some(cwd))
 }
 
 pub fn open(path: &Path) -> Chain {

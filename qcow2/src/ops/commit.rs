@@ -12,6 +12,9 @@ use crate::image::{Backing, Qcow2};
 use crate::ops::throttle::Throttle;
 use std::path::Path;
 
+/// Guest bytes a commit reader maps per window.
+const COMMIT_WINDOW: u64 = 64 << 20;
+
 #[derive(Debug, Clone, Default)]
 pub struct CommitOptions {
     /// The chain member to commit into (default: the image's backing file).
@@ -79,7 +82,10 @@ pub fn commit_into(
     base.grow(size)?;
     // Zeros above BASE (past an upper image's end) must hide BASE's own backing.
     let zero_unallocated = base_backing.is_some();
-    let plan = Plan::new(size, base.cluster_size());
+    // Upper layers are mostly scattered clusters: wide windows, their data packed, so each
+    // hand-off carries a buffer's worth (a hand-off per few clusters costs more in thread
+    // wake-ups than the copy).
+    let plan = Plan::new(size, base.cluster_size()).with_window(COMMIT_WINDOW);
     let mut sink = CommitSink {
         base,
         base_backing,
@@ -88,7 +94,7 @@ pub fn commit_into(
     };
     copy::run(
         plan,
-        |w, buf| read_changes_above(chain, above, zero_unallocated, w, buf),
+        |p| read_changes_above(chain, above, zero_unallocated, p),
         &mut sink,
         NoWriter,
     )?;

@@ -37,7 +37,7 @@ pub fn to_raw(chain: &Chain, dest: &Path, overwrite: bool) -> Result<CopyStats> 
     };
     copy::run(
         Plan::new(size, ZERO_DETECT),
-        |w, buf| read_data_window(chain, w, buf, ZERO_DETECT, false),
+        |p| p.fill(|w, buf| read_data_window(chain, w, buf, ZERO_DETECT, false)),
         &mut sink,
         writer,
     )?;
@@ -141,9 +141,11 @@ pub fn copy_into_observed(
         };
         copy::run(
             plan,
-            |w, buf| {
-                let read = read_data_window(chain, w, buf, cs, false)?;
-                compress_window(w, read, buf, kind, cs)
+            |p| {
+                p.fill(|w, buf| {
+                    let read = read_data_window(chain, w, buf, cs, false)?;
+                    compress_window(w, read, buf, kind, cs)
+                })
             },
             &mut sink,
             NoWriter,
@@ -157,7 +159,7 @@ pub fn copy_into_observed(
     };
     copy::run(
         plan,
-        |w, buf| read_data_window(chain, w, buf, cs, share_blocks),
+        |p| p.fill(|w, buf| read_data_window(chain, w, buf, cs, share_blocks)),
         &mut sink,
         writer,
     )?;

@@ -1,12 +1,14 @@
 //! The copy engine: every bulk copy (convert, merge, commit, compressed copies) is readers →
 //! sink over a guest disk cut into windows.
 //!
-//! - **Readers** (a parameter, two by default: one per core) take alternate windows. Each
-//!   fills a buffer from its own small pool with what the window holds and describes it (an
-//!   item of the copy's own type: the non-zero runs, the changes above a layer, compressed
-//!   clusters). A reader that waits for its buffer to come back cannot hold up the others,
-//!   so windows always arrive.
-//! - **The sink's plan step** runs on the calling thread and sees the windows in guest
+//! - **Readers** (a parameter, two by default: one per core) take alternate windows. For
+//!   each, a reader fills buffers from its own small pool with what the window holds and
+//!   sends them on as pieces, each with an item of the copy's own type describing it (the
+//!   non-zero runs, the changes above a layer, compressed clusters). A window may need no
+//!   piece at all (nothing to copy), one (its data at its own positions) or several (data
+//!   packed from a window larger than a buffer). A reader waiting for its buffers to come
+//!   back cannot hold up the others, so every window's pieces arrive.
+//! - **The sink's plan step** runs on the calling thread and sees the pieces in guest
 //!   order: it owns the output's metadata (allocating clusters, say), accounts and observes
 //!   the data, and returns the job for the writer.
 //! - **The writer** ([`JobWriter`]) runs on one thread of its own, in the same order, and
@@ -15,7 +17,7 @@
 //!
 //! First error wins: whichever stage fails first records its error, the others stop at their
 //! next step (channels closing wake every blocked stage), and that error is returned.
-//! Memory is bounded by `readers × BUFFERS_PER_READER` windows.
+//! Memory is bounded by `readers × BUFFERS_PER_READER` buffers.
 
 pub mod sinks;
 pub mod source;
@@ -39,17 +41,28 @@ pub struct Plan {
     pub size: u64,
     /// Window length (a multiple of the output's cluster size).
     pub window: u64,
+    /// Bytes per buffer.
+    pub buffer: usize,
     pub readers: usize,
 }
 
 impl Plan {
-    /// `IO_CHUNK` windows (at least one cluster), the default readers.
+    /// `IO_CHUNK` windows (at least one cluster) and buffers of one window, the default
+    /// readers: for readers that put a window's data at its own positions.
     pub fn new(size: u64, cluster_size: u64) -> Plan {
+        let window = (IO_CHUNK as u64).max(cluster_size);
         Plan {
             size,
-            window: (IO_CHUNK as u64).max(cluster_size),
+            window,
+            buffer: window as usize,
             readers: DEFAULT_READERS,
         }
+    }
+
+    /// Windows of `window` bytes (buffers unchanged): for readers that pack sparse data,
+    /// so one hand-off carries a buffer's worth of data rather than a window's few bytes.
+    pub fn with_window(self, window: u64) -> Plan {
+        Plan { window, ..self }
     }
 
     pub fn windows(&self) -> usize {
@@ -80,12 +93,12 @@ impl Window {
     }
 }
 
-/// Where a copy's windows go: the plan step, on the calling thread in guest order.
+/// Where a copy's pieces go: the plan step, on the calling thread in guest order.
 pub trait Sink<T> {
-    /// What the writer thread does with one window.
+    /// What the writer thread does with one piece.
     type Job: Send;
-    /// Takes the window's item and data (the reader's buffer, `window.len` bytes) and
-    /// returns the writer's job.
+    /// Takes a piece of `window`: its item and its buffer (`Plan::buffer` bytes, of which
+    /// the item says what is filled), and returns the writer's job.
     fn plan(&mut self, window: Window, item: T, data: &[u8]) -> Result<Self::Job>;
 }
 
@@ -118,11 +131,86 @@ impl FirstError {
     }
 }
 
+/// A reader's hand-off point for the pieces of one window.
+pub struct Pieces<'a, T> {
+    window: Window,
+    reader: usize,
+    seq: usize,
+    spare: &'a Receiver<Vec<u8>>,
+    out: &'a SyncSender<Result<Message<T>>>,
+    stopped: bool,
+}
+
+impl<T> Pieces<'_, T> {
+    /// A buffer to fill; None once the copy is stopping (then the reader ends quietly:
+    /// whoever stopped it reports why).
+    pub fn buffer(&mut self) -> Option<Vec<u8>> {
+        let b = self.spare.recv().ok();
+        self.stopped |= b.is_none();
+        b
+    }
+
+    /// Hands a filled buffer on, in this window's order; false once the copy is stopping.
+    pub fn send(&mut self, item: T, data: Vec<u8>) -> bool {
+        let piece = Message::Piece(Filled {
+            window: self.window,
+            seq: self.seq,
+            item,
+            data,
+            reader: self.reader,
+        });
+        self.seq += 1;
+        let sent = self.out.send(Ok(piece)).is_ok();
+        self.stopped |= !sent;
+        sent
+    }
+
+    /// The window these pieces are of.
+    pub fn window(&self) -> Window {
+        self.window
+    }
+
+    /// Whether a call found the copy stopping.
+    pub fn stopped(&self) -> bool {
+        self.stopped
+    }
+
+    /// One piece holding the window at its own positions: `read` fills the buffer's first
+    /// `window.len` bytes.
+    pub fn fill(&mut self, read: impl FnOnce(Window, &mut [u8]) -> Result<T>) -> Result<()> {
+        let Some(mut data) = self.buffer() else {
+            return Ok(());
+        };
+        let item = read(self.window, &mut data[..self.window.len as usize])?;
+        self.send(item, data);
+        Ok(())
+    }
+}
+
 struct Filled<T> {
     window: Window,
+    seq: usize,
     item: T,
     data: Vec<u8>,
     reader: usize,
+}
+
+enum Message<T> {
+    Piece(Filled<T>),
+    /// The window's last piece was `seq - 1`.
+    End {
+        index: usize,
+        seq: usize,
+    },
+}
+
+impl<T> Message<T> {
+    fn key(&self) -> (usize, usize) {
+        match self {
+            Message::Piece(f) => (f.window.index, f.seq),
+            Message::End { index, seq } => (*index, *seq),
+        }
+    }
 }
 
 struct Job<J> {
@@ -131,12 +219,12 @@ struct Job<J> {
     reader: usize,
 }
 
-/// Copies the windows of `plan`: `read` fills each window's buffer (on the reader threads)
-/// and describes it, `sink` plans it in guest order, `writer` writes it. Returns the first
-/// error of any stage.
+/// Copies the windows of `plan`: `read` fills buffers with each window's content and sends
+/// them as pieces (on the reader threads), `sink` plans the pieces in guest order, `writer`
+/// writes them. Returns the first error of any stage.
 pub fn run<T, S, W>(
     plan: Plan,
-    read: impl Fn(Window, &mut [u8]) -> Result<T> + Sync,
+    read: impl Fn(&mut Pieces<'_, T>) -> Result<()> + Sync,
     sink: &mut S,
     writer: W,
 ) -> Result<()>
@@ -148,14 +236,14 @@ where
     let readers = plan.readers.max(1);
     let windows = plan.windows();
     let first_error = FirstError(Mutex::new(None));
-    let (to_planner, filled) = sync_channel::<Result<Filled<T>>>(readers * BUFFERS_PER_READER);
+    let (to_planner, messages) = sync_channel::<Result<Message<T>>>(readers * BUFFERS_PER_READER);
     let (to_writer, jobs) = sync_channel::<Job<S::Job>>(readers * BUFFERS_PER_READER);
     let mut spare_senders = Vec::new();
     let mut spare_receivers = Vec::new();
     for _ in 0..readers {
         let (tx, rx) = sync_channel::<Vec<u8>>(BUFFERS_PER_READER);
         for _ in 0..BUFFERS_PER_READER.min(windows) {
-            let _ = tx.send(vec![0u8; plan.window as usize]);
+            let _ = tx.send(vec![0u8; plan.buffer]);
         }
         spare_senders.push(tx);
         spare_receivers.push(rx);
@@ -166,7 +254,7 @@ where
             let read = &read;
             scope.spawn(move || {
                 let res = guarded("reader", || {
-                    read_windows(plan, reader, readers, read, spare, &to_planner)
+                    read_windows(plan, reader, readers, read, &spare, &to_planner)
                 });
                 if let Err(e) = res {
                     // The planner may be waiting for this reader's window: tell it.
@@ -181,7 +269,7 @@ where
                 first.set(e);
             }
         });
-        if let Err(e) = plan_windows(windows, filled, to_writer, sink) {
+        if let Err(e) = plan_pieces(windows, messages, to_writer, sink) {
             first_error.set(e);
         }
         // Leaving the scope joins every thread: the planner's channels are closed, so the
@@ -204,65 +292,70 @@ fn guarded(stage: &str, body: impl FnOnce() -> Result<()>) -> Result<()> {
     })
 }
 
-/// A reader: windows `first`, `first + readers`, ... into its spare buffers.
+/// A reader: windows `first`, `first + readers`, ..., each ended by an `End` message.
 fn read_windows<T>(
     plan: Plan,
     first: usize,
     readers: usize,
-    read: &(impl Fn(Window, &mut [u8]) -> Result<T> + Sync),
-    spare: Receiver<Vec<u8>>,
-    to_planner: &SyncSender<Result<Filled<T>>>,
+    read: &(impl Fn(&mut Pieces<'_, T>) -> Result<()> + Sync),
+    spare: &Receiver<Vec<u8>>,
+    to_planner: &SyncSender<Result<Message<T>>>,
 ) -> Result<()> {
     for index in (first..plan.windows()).step_by(readers) {
-        // No buffer comes back once the writer has stopped: then this reader ends quietly.
-        let Ok(mut data) = spare.recv() else {
-            return Ok(());
-        };
-        let window = plan.window(index);
-        let item = read(window, &mut data[..window.len as usize])?;
-        let filled = Filled {
-            window,
-            item,
-            data,
+        let mut pieces = Pieces {
+            window: plan.window(index),
             reader: first,
+            seq: 0,
+            spare,
+            out: to_planner,
+            stopped: false,
         };
-        if to_planner.send(Ok(filled)).is_err() {
-            return Ok(()); // the planner stopped; its error (or another's) is reported
+        read(&mut pieces)?;
+        let end = Message::End {
+            index,
+            seq: pieces.seq,
+        };
+        if pieces.stopped || to_planner.send(Ok(end)).is_err() {
+            return Ok(()); // the copy stopped; its first error is reported
         }
     }
     Ok(())
 }
 
-/// The plan step: windows put back in guest order, planned, passed to the writer.
+/// The plan step: pieces put back in guest order, planned, passed to the writer.
 /// Consumes its channels, so readers and writer blocked on them wake up when it returns.
-fn plan_windows<T, S: Sink<T>>(
+fn plan_pieces<T, S: Sink<T>>(
     windows: usize,
-    filled: Receiver<Result<Filled<T>>>,
+    messages: Receiver<Result<Message<T>>>,
     to_writer: SyncSender<Job<S::Job>>,
     sink: &mut S,
 ) -> Result<()> {
-    let mut waiting: BTreeMap<usize, Filled<T>> = BTreeMap::new();
-    let mut next = 0usize;
-    while next < windows {
-        let Ok(f) = filled.recv() else {
-            // Every reader has gone without sending all its windows: the writer stopped
+    let mut waiting: BTreeMap<(usize, usize), Message<T>> = BTreeMap::new();
+    let mut next = (0usize, 0usize);
+    while next.0 < windows {
+        let Ok(m) = messages.recv() else {
+            // Every reader has gone without ending all its windows: the writer stopped
             // (its error is recorded), so they had no buffers left.
             return Ok(());
         };
-        let f = f?;
-        waiting.insert(f.window.index, f);
-        while let Some(f) = waiting.remove(&next) {
-            let len = f.window.len as usize;
-            let job = sink.plan(f.window, f.item, &f.data[..len])?;
-            let job = Job {
-                job,
-                data: f.data,
-                reader: f.reader,
-            };
-            if to_writer.send(job).is_err() {
-                return Ok(()); // the writer failed; its error is recorded
+        let m = m?;
+        waiting.insert(m.key(), m);
+        while let Some(m) = waiting.remove(&next) {
+            match m {
+                Message::End { .. } => next = (next.0 + 1, 0),
+                Message::Piece(f) => {
+                    let job = sink.plan(f.window, f.item, &f.data)?;
+                    let job = Job {
+                        job,
+                        data: f.data,
+                        reader: f.reader,
+                    };
+                    if to_writer.send(job).is_err() {
+                        return Ok(()); // the writer failed; its error is recorded
+                    }
+                    next.1 += 1;
+                }
             }
-            next += 1;
         }
     }
     Ok(())
@@ -277,7 +370,7 @@ fn write_jobs<J, W: JobWriter<J>>(
     for job in jobs {
         let Job { job, data, reader } = job;
         writer.write(job, &data)?;
-        // A reader that has read all its windows no longer listens.
+        // A reader that has ended all its windows no longer listens.
         let _ = spare[reader].send(data);
     }
     Ok(())

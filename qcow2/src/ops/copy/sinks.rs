@@ -237,7 +237,7 @@ impl Sink<CompressedWindow> for CompressedSink<'_> {
         let cs = self.image.cluster_size();
         for c in &item.clusters {
             let pos = (c.guest_cluster * cs - window.offset) as usize;
-            let plain = &data[pos..(pos + cs as usize).min(data.len())];
+            let plain = &data[pos..(pos + cs as usize).min(window.len as usize)];
             self.image
                 .write_precompressed(c.guest_cluster, c.packed.as_deref(), plain)?;
         }
@@ -269,15 +269,14 @@ pub struct CommitSink<'a> {
 impl Sink<Vec<Change>> for CommitSink<'_> {
     type Job = ();
 
-    fn plan(&mut self, window: Window, changes: Vec<Change>, data: &[u8]) -> Result<()> {
+    fn plan(&mut self, _: Window, changes: Vec<Change>, data: &[u8]) -> Result<()> {
         for change in changes {
             match change {
-                Change::Data { offset, len } => {
-                    let pos = (offset - window.offset) as usize;
-                    let bytes = &data[pos..pos + len as usize];
+                Change::Data { offset, pos, len } => {
+                    let bytes = &data[pos..pos + len];
                     self.base.write_at(bytes, offset, self.base_backing)?;
-                    self.throttle.account(len);
-                    self.stats.bytes_copied += len;
+                    self.throttle.account(len as u64);
+                    self.stats.bytes_copied += len as u64;
                 }
                 Change::Zero { offset, len } => {
                     self.base

@@ -2,7 +2,7 @@
 //! image or a raw file), or the changes above a layer (for commit). Both map the window
 //! first and never read what maps as zeros.
 
-use super::Window;
+use super::{Pieces, Window};
 use crate::chain::Chain;
 use crate::error::Result;
 use crate::mapping::{Extent, ExtentKind};
@@ -129,50 +129,94 @@ pub fn nonzero_runs(b: &[u8], unit: usize) -> Vec<ByteRange> {
     runs
 }
 
-/// One change a commit makes to its base, within a window.
+/// One change a commit makes to its base.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Change {
-    /// Data at `offset`, read into the window's buffer at `offset - window.offset`.
-    Data { offset: u64, len: u64 },
+    /// `len` bytes of data for guest `offset`, at `pos` in the piece's buffer.
+    Data { offset: u64, pos: usize, len: usize },
     /// Zeros (a zero cluster above, or nothing above while the base has a backing file).
     Zero { offset: u64, len: u64 },
 }
 
-/// Reads what the layers above `above` hold in `window`: data read into `buf` at its
-/// window position, zero clusters as zero changes. `zero_unallocated`: ranges no upper
-/// layer has (past an upper image's end) become zeros too, to hide the base's own backing.
+/// Zero changes per piece at most, so a long run of tiny zero extents still moves on.
+const MAX_CHANGES_PER_PIECE: usize = 4096;
+
+/// Sends what the layers above `above` hold in the window as pieces of changes: data
+/// packed into the buffers (scattered clusters fill a buffer before it is handed on), zero
+/// clusters as zero changes. `zero_unallocated`: ranges no upper layer has (past an upper
+/// image's end) become zeros too, to hide the base's own backing.
 pub fn read_changes_above(
     chain: &Chain,
     above: usize,
     zero_unallocated: bool,
-    window: Window,
-    buf: &mut [u8],
-) -> Result<Vec<Change>> {
-    let mut changes = Vec::new();
+    pieces: &mut Pieces<'_, Vec<Change>>,
+) -> Result<()> {
+    let window = pieces.window();
+    // The piece being filled: its changes, buffer and bytes used.
+    let mut piece: Option<(Vec<Change>, Vec<u8>, usize)> = None;
     chain.for_each_extent_above(window.offset, window.len, above, |e| {
-        if e.depth >= above {
+        if e.depth >= above || pieces.stopped() {
             return Ok(());
         }
         match e.kind {
             ExtentKind::Data { .. } | ExtentKind::Compressed { .. } => {
-                let pos = (e.start - window.offset) as usize;
-                chain.read_extent(e, e.start, &mut buf[pos..pos + e.len as usize])?;
-                changes.push(Change::Data {
-                    offset: e.start,
-                    len: e.len,
-                });
+                let mut offset = e.start;
+                while offset < e.end() {
+                    let Some((changes, buf, used)) = current(&mut piece, pieces) else {
+                        return Ok(());
+                    };
+                    let room = buf.len() - *used;
+                    if room == 0 {
+                        send(&mut piece, pieces);
+                        continue;
+                    }
+                    let len = (room as u64).min(e.end() - offset) as usize;
+                    chain.read_extent(e, offset, &mut buf[*used..*used + len])?;
+                    changes.push(Change::Data {
+                        offset,
+                        pos: *used,
+                        len,
+                    });
+                    *used += len;
+                    offset += len as u64;
+                }
             }
-            ExtentKind::Zero { .. } => changes.push(Change::Zero {
-                offset: e.start,
-                len: e.len,
-            }),
-            ExtentKind::Unallocated if zero_unallocated => changes.push(Change::Zero {
-                offset: e.start,
-                len: e.len,
-            }),
+            ExtentKind::Zero { .. } => zero(&mut piece, pieces, e.start, e.len),
+            ExtentKind::Unallocated if zero_unallocated => zero(&mut piece, pieces, e.start, e.len),
             ExtentKind::Unallocated => {}
         }
         Ok(())
     })?;
-    Ok(changes)
+    send(&mut piece, pieces);
+    Ok(())
+}
+
+type Piece = (Vec<Change>, Vec<u8>, usize);
+
+/// The piece being filled, started with a spare buffer when there is none; None once the
+/// copy is stopping.
+fn current<'p>(
+    piece: &'p mut Option<Piece>,
+    pieces: &mut Pieces<'_, Vec<Change>>,
+) -> Option<&'p mut Piece> {
+    if piece.is_none() {
+        *piece = pieces.buffer().map(|buf| (Vec::new(), buf, 0));
+    }
+    piece.as_mut()
+}
+
+fn send(piece: &mut Option<Piece>, pieces: &mut Pieces<'_, Vec<Change>>) {
+    if let Some((changes, buf, _)) = piece.take() {
+        pieces.send(changes, buf);
+    }
+}
+
+fn zero(piece: &mut Option<Piece>, pieces: &mut Pieces<'_, Vec<Change>>, offset: u64, len: u64) {
+    let Some((changes, _, _)) = current(piece, pieces) else {
+        return;
+    };
+    changes.push(Change::Zero { offset, len });
+    if changes.len() >= MAX_CHANGES_PER_PIECE {
+        send(piece, pieces);
+    }
 }

@@ -8,8 +8,16 @@ fn plan(windows: usize, readers: usize) -> Plan {
     Plan {
         size: windows as u64 * 4096 - 100, // the last window is short
         window: 4096,
+        buffer: 4096,
         readers,
     }
+}
+
+/// One piece per window, at the window's positions.
+fn one_piece<'a>(
+    read: impl Fn(Window, &mut [u8]) -> Result<usize> + Sync + 'a,
+) -> impl Fn(&mut Pieces<'_, usize>) -> Result<()> + Sync + 'a {
+    move |p| p.fill(&read)
 }
 
 /// Fills each window with its index's byte; some windows are slow, so readers finish
@@ -32,7 +40,7 @@ impl Sink<usize> for Recorder {
     type Job = usize;
     fn plan(&mut self, w: Window, item: usize, data: &[u8]) -> Result<usize> {
         assert_eq!(item, w.index);
-        assert_eq!(data.len() as u64, w.len);
+        let data = &data[..w.len as usize];
         assert!(data.iter().all(|&b| b == w.index as u8));
         if self.fail_at == Some(w.index) {
             return Err(Error::bad_request("sink refuses"));
@@ -80,7 +88,13 @@ fn windows_reach_sink_and_writer_in_guest_order_whatever_the_readers() {
     for readers in [1, 2, 3, 5] {
         let order = Mutex::new(Vec::new());
         let mut sink = Recorder::default();
-        run(plan(40, readers), scrambled_read, &mut sink, writer(&order)).unwrap();
+        run(
+            plan(40, readers),
+            one_piece(scrambled_read),
+            &mut sink,
+            writer(&order),
+        )
+        .unwrap();
         let indexes: Vec<usize> = sink.planned.iter().map(|p| p.0).collect();
         assert_eq!(indexes, (0..40).collect::<Vec<_>>(), "readers={readers}");
         assert_eq!(*order.lock().unwrap(), indexes);
@@ -95,9 +109,10 @@ fn an_empty_disk_copies_nothing() {
     let p = Plan {
         size: 0,
         window: 4096,
+        buffer: 4096,
         readers: 2,
     };
-    run(p, scrambled_read, &mut sink, writer(&order)).unwrap();
+    run(p, one_piece(scrambled_read), &mut sink, writer(&order)).unwrap();
     assert!(sink.planned.is_empty());
 }
 
@@ -111,7 +126,7 @@ fn buffers_are_reused_not_allocated_per_window() {
         seen.lock().unwrap().insert(buf.as_ptr() as usize);
         scrambled_read(w, buf)
     };
-    run(plan(60, 2), read, &mut sink, writer(&order)).unwrap();
+    run(plan(60, 2), one_piece(read), &mut sink, writer(&order)).unwrap();
     assert!(seen.lock().unwrap().len() <= 2 * BUFFERS_PER_READER);
 }
 
@@ -126,7 +141,13 @@ fn a_reader_error_ends_the_copy_with_that_error() {
             }
             scrambled_read(w, buf)
         };
-        let e = run(plan(100, readers), read, &mut sink, writer(&order)).unwrap_err();
+        let e = run(
+            plan(100, readers),
+            one_piece(read),
+            &mut sink,
+            writer(&order),
+        )
+        .unwrap_err();
         assert_eq!(e.to_string(), "src: bad L2 table");
         // Nothing past the failed window was planned.
         assert!(sink.planned.iter().all(|p| p.0 < 7));
@@ -145,7 +166,7 @@ fn a_sink_error_stops_readers_and_writer() {
         reads.fetch_add(1, Ordering::Relaxed);
         scrambled_read(w, buf)
     };
-    let e = run(plan(1000, 2), read, &mut sink, writer(&order)).unwrap_err();
+    let e = run(plan(1000, 2), one_piece(read), &mut sink, writer(&order)).unwrap_err();
     assert_eq!(e.to_string(), "sink refuses");
     assert_eq!(*order.lock().unwrap(), (0..5).collect::<Vec<_>>());
     // Readers stop within their buffers' reach, not at the end of the disk.
@@ -161,7 +182,7 @@ fn a_write_error_wins_over_what_it_causes() {
         fail_at: Some(3),
         panic_at: None,
     };
-    let e = run(plan(1000, 2), scrambled_read, &mut sink, w).unwrap_err();
+    let e = run(plan(1000, 2), one_piece(scrambled_read), &mut sink, w).unwrap_err();
     assert!(
         e.to_string().starts_with("out: writing data at offset 0x3"),
         "{e}"
@@ -179,7 +200,7 @@ fn panics_become_internal_errors_not_hangs() {
         }
         scrambled_read(w, buf)
     };
-    let e = run(plan(50, 2), read, &mut sink, writer(&order)).unwrap_err();
+    let e = run(plan(50, 2), one_piece(read), &mut sink, writer(&order)).unwrap_err();
     assert!(matches!(e, Error::Internal { .. }), "{e}");
     assert!(e.to_string().contains("reader thread panicked"), "{e}");
 
@@ -189,6 +210,42 @@ fn panics_become_internal_errors_not_hangs() {
         fail_at: None,
         panic_at: Some(2),
     };
-    let e = run(plan(50, 2), scrambled_read, &mut sink, w).unwrap_err();
+    let e = run(plan(50, 2), one_piece(scrambled_read), &mut sink, w).unwrap_err();
     assert!(e.to_string().contains("writer thread panicked"), "{e}");
+}
+
+#[test]
+fn windows_of_many_pieces_and_of_none_keep_their_order() {
+    // Window i sends i % 4 pieces (none for every fourth): pieces arrive in (window, piece)
+    // order whatever the readers, and empty windows cost no buffer.
+    #[derive(Default)]
+    struct Pieceworks(Vec<(usize, u8)>);
+    impl Sink<(usize, u8)> for Pieceworks {
+        type Job = ();
+        fn plan(&mut self, w: Window, item: (usize, u8), data: &[u8]) -> Result<()> {
+            assert_eq!(item.0, w.index);
+            assert!(data.iter().all(|&b| b == item.1));
+            self.0.push(item);
+            Ok(())
+        }
+    }
+    for readers in [1, 2, 3] {
+        let mut sink = Pieceworks::default();
+        let read = |p: &mut Pieces<'_, (usize, u8)>| {
+            let w = p.window();
+            for k in 0..(w.index % 4) as u8 {
+                let Some(mut buf) = p.buffer() else {
+                    return Ok(());
+                };
+                buf.fill(k);
+                p.send((w.index, k), buf);
+            }
+            Ok(())
+        };
+        run(plan(30, readers), read, &mut sink, NoWriter).unwrap();
+        let want: Vec<(usize, u8)> = (0..30)
+            .flat_map(|i| (0..(i % 4) as u8).map(move |k| (i, k)))
+            .collect();
+        assert_eq!(sink.0, want, "readers={readers}");
+    }
 }
