@@ -85,7 +85,12 @@ pub fn commit_into(
     // Upper layers are mostly scattered clusters: wide windows, their data packed, so each
     // hand-off carries a buffer's worth (a hand-off per few clusters costs more in thread
     // wake-ups than the copy).
-    let plan = Plan::new(size, base.cluster_size()).with_window(COMMIT_WINDOW);
+    // One reader: the plan step writes (the base is written through its own write path),
+    // and a reader keeps up with it; a second one only competes with it for the cores.
+    let plan = Plan {
+        readers: 1,
+        ..Plan::new(size, base.cluster_size()).with_window(COMMIT_WINDOW)
+    };
     let mut sink = CommitSink {
         base,
         base_backing,
