@@ -16,7 +16,6 @@ pub mod create;
 pub mod error;
 pub mod format;
 pub mod fuzzing;
-pub mod geometry;
 pub mod image;
 pub mod lock;
 pub mod mapping;
@@ -28,7 +27,7 @@ mod testutil;
 
 pub use chain::{Chain, Format, Layer, OpenOptions};
 pub use error::{Error, Result};
-pub use geometry::Geometry;
+pub use format::geometry::Geometry;
 pub use image::write::{HostRun, OpenRwOptions, WriteMapping};
 pub use image::{Backing, Qcow2};
 pub use mapping::{Extent, ExtentKind};

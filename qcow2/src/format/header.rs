@@ -1,6 +1,7 @@
 //! The qcow2 header (v2 and v3), its extensions and the backing file name, all of which live
 //! in cluster 0. Pure functions over byte slices.
 
+use super::geometry::Geometry;
 use crate::error::bail_format;
 use crate::error::FormatError;
 use byteorder::{BigEndian as BE, ByteOrder};
@@ -141,16 +142,16 @@ impl Header {
         self.incompatible_features & INCOMPAT_EXTL2 != 0
     }
 
-    pub fn l2_entry_size(&self) -> u64 {
-        if self.extended_l2() {
-            16
-        } else {
-            8
+    /// The image's cluster arithmetic.
+    pub fn geometry(&self) -> Geometry {
+        Geometry {
+            cluster_bits: self.cluster_bits,
+            extended_l2: self.extended_l2(),
         }
     }
 
     pub fn l2_entries(&self) -> u64 {
-        self.cluster_size() / self.l2_entry_size()
+        self.geometry().l2_entries()
     }
 
     pub fn is_dirty(&self) -> bool {

@@ -2,6 +2,7 @@
 
 pub mod bitmap;
 pub mod entry;
+pub mod geometry;
 pub mod header;
 pub mod refcount;
 pub mod snapshot;

@@ -17,8 +17,8 @@ mod tests;
 use crate::cache::LruCache;
 use crate::error::{Error, IoContext, Result};
 use crate::format::entry::L2Entry;
+use crate::format::geometry::Geometry;
 use crate::format::header::Header;
-use crate::geometry::Geometry;
 use crate::storage::{FileStorage, Storage};
 use byteorder::{BigEndian as BE, ByteOrder};
 use state::RwState;
@@ -89,7 +89,7 @@ impl Qcow2 {
             path: path.to_string(),
             storage,
             data_file,
-            geometry: Geometry::of(&header),
+            geometry: header.geometry(),
             header,
             l1,
             l2_cache: Mutex::new(LruCache::new(cache_entries)),

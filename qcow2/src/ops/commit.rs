@@ -5,7 +5,7 @@ use super::copy::sinks::CommitSink;
 pub use super::copy::sinks::CommitStats;
 use super::copy::source::read_changes_above;
 use super::copy::{self, NoWriter, Plan};
-use crate::chain::{open_backing_of, Chain, OpenOptions};
+use crate::chain::{as_backing, open_backing_of, Chain, OpenOptions};
 use crate::error::{Error, Result};
 use crate::image::write::OpenRwOptions;
 use crate::image::{Backing, Qcow2};
@@ -52,7 +52,7 @@ pub fn commit(top: &Path, opts: &CommitOptions) -> Result<CommitStats> {
     base.grow(size)?;
     let stats = commit_into(
         &mut base,
-        base_backing.as_ref().map(|c| c as &dyn Backing),
+        as_backing(base_backing.as_ref()),
         &chain,
         base_idx,
         &mut Throttle::new(opts.rate_limit),
@@ -84,9 +84,8 @@ pub fn commit_into(
     let zero_unallocated = base_backing.is_some();
     // Upper layers are mostly scattered clusters: wide windows, their data packed, so each
     // hand-off carries a buffer's worth (a hand-off per few clusters costs more in thread
-    // wake-ups than the copy).
-    // One reader: the plan step writes (the base is written through its own write path),
-    // and a reader keeps up with it; a second one only competes with it for the cores.
+    // wake-ups than the copy). One reader: the plan step writes (through the base's own
+    // write path) and one reader keeps up with it; a second only competes for the cores.
     let plan = Plan {
         readers: 1,
         ..Plan::new(size, base.cluster_size()).with_window(COMMIT_WINDOW)

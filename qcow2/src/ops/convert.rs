@@ -12,7 +12,7 @@ use crate::create::{init_qcow2, CreateOptions};
 use crate::error::{IoContext, Result};
 use crate::image::Qcow2;
 use crate::ops::throttle::Throttle;
-use crate::storage::PendingFile;
+use crate::storage::{PendingFile, Storage};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -26,7 +26,7 @@ pub fn to_raw(chain: &Chain, dest: &Path, overwrite: bool) -> Result<CopyStats> 
     let storage = out
         .create_storage()
         .on_file(&dest_s, "cannot create output")?;
-    let storage: Arc<dyn crate::storage::Storage> = Arc::new(storage);
+    let storage: Arc<dyn Storage> = Arc::new(storage);
     let size = chain.virtual_size();
     let mut sink = RawSink {
         stats: CopyStats::default(),

@@ -1,10 +1,10 @@
 //! `rebase`: change an image's backing file, safely (content preserved by copying what
 //! reads differently) or unsafely (`-u`: the reference only).
 
-use crate::chain::{open_backing_of, probe_format, Chain, Format, OpenOptions};
+use crate::chain::{as_backing, open_backing_of, probe_format, Chain, Format, OpenOptions};
 use crate::error::{Error, Result};
 use crate::image::write::OpenRwOptions;
-use crate::image::{resolve_relative, Backing, Qcow2};
+use crate::image::{resolve_relative, Qcow2};
 use crate::mapping::ExtentKind;
 use std::path::Path;
 
@@ -71,8 +71,7 @@ pub fn rebase(path: &Path, opts: &RebaseOptions) -> Result<RebaseStats> {
 /// Copies into `img`, cluster by cluster, whatever reads differently through the old and the
 /// new backing in ranges the image does not allocate itself.
 fn copy_differences(img: &mut Qcow2, old: Option<&Chain>, new: Option<&Chain>) -> Result<u64> {
-    let old: Option<&dyn Backing> = old.map(|c| c as _);
-    let new: Option<&dyn Backing> = new.map(|c| c as _);
+    let (old, new) = (as_backing(old), as_backing(new));
     let cs = img.cluster_size();
     let size = img.virtual_size();
     let mut a = vec![0u8; cs as usize];

@@ -87,11 +87,7 @@ pub fn read_data_window(
         );
         chain.read_mapped(&extents, &mut buf[a..b], r.start)?;
         for run in nonzero_runs(&buf[a..b], unit as usize) {
-            let (s, t) = (a + run.start, a + run.end);
-            match runs.last_mut() {
-                Some(last) if last.end == s => last.end = t,
-                _ => runs.push(ByteRange { start: s, end: t }),
-            }
+            push_range(&mut runs, a + run.start, a + run.end);
         }
     }
     Ok(DataWindow { runs, verbatim })
@@ -119,14 +115,19 @@ pub fn nonzero_runs(b: &[u8], unit: usize) -> Vec<ByteRange> {
     while i < b.len() {
         let e = (i + unit).min(b.len());
         if b[i..e].iter().any(|&x| x != 0) {
-            match runs.last_mut() {
-                Some(last) if last.end == i => last.end = e,
-                _ => runs.push(ByteRange { start: i, end: e }),
-            }
+            push_range(&mut runs, i, e);
         }
         i = e;
     }
     runs
+}
+
+/// Appends `[start, end)`, extending the last range when it ends where this one starts.
+fn push_range(runs: &mut Vec<ByteRange>, start: usize, end: usize) {
+    match runs.last_mut() {
+        Some(last) if last.end == start => last.end = end,
+        _ => runs.push(ByteRange { start, end }),
+    }
 }
 
 /// One change a commit makes to its base.

@@ -1,7 +1,6 @@
 //! The cluster arithmetic of one image, in one place: which L1 and L2 entry maps a guest
-//! offset, where a cluster starts, how many clusters a range touches.
-
-use crate::format::header::Header;
+//! offset, where a cluster starts, how many clusters a range touches. A header gives its
+//! image's geometry with [`super::header::Header::geometry`].
 
 /// Where an image's clusters fall, derived from its header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -12,13 +11,6 @@ pub struct Geometry {
 }
 
 impl Geometry {
-    pub fn of(header: &Header) -> Geometry {
-        Geometry {
-            cluster_bits: header.cluster_bits,
-            extended_l2: header.extended_l2(),
-        }
-    }
-
     pub fn cluster_size(self) -> u64 {
         1 << self.cluster_bits
     }
