@@ -192,7 +192,7 @@ fn merge_every_point_leaves_backups_untouched() {
         same(d, target.to_str().unwrap(), model);
         // the merged target gets a manifest (built while writing) that verifies by re-reading
         assert!(target.with_extension("qcow2.manifest").exists());
-        qmpbackup::store::manifest::verify_manifest(&target)
+        qmpbackup::store::manifest::verify::verify_manifest(&target)
             .unwrap()
             .unwrap();
         let m = qmpbackup::store::manifest::load_manifest(&target)
@@ -200,7 +200,7 @@ fn merge_every_point_leaves_backups_untouched() {
             .unwrap();
         assert_eq!(
             m.runs,
-            qmpbackup::store::manifest::compute_runs(&target).unwrap().1
+            qmpbackup::store::manifest::compute_runs(&target).unwrap().2
         );
     }
     // Without --until: the newest point.
@@ -1252,7 +1252,7 @@ fn verify_streams_a_manifest_of_millions_of_runs() {
     let real = qmpbackup::store::manifest::load_manifest(&full)
         .unwrap()
         .unwrap();
-    for qmpbackup::store::manifest::CheckedRun {
+    for qmpbackup::store::manifest::runs::CheckedRun {
         start: s,
         len: l,
         crc: c,
@@ -1272,7 +1272,7 @@ fn verify_streams_a_manifest_of_millions_of_runs() {
             json.push_str(&format!(",[{s},{l},\"{crc:08x}\"]"));
             continue;
         }
-        json.push_str(&format!(",[{s},{l},\"{c}\"]"));
+        json.push_str(&format!(",[{s},{l},\"{c:08x}\"]"));
     }
     json.push_str("]}");
     std::fs::write(d.join(format!("{}.manifest", b.points[0].0)), &json).unwrap();
@@ -1303,4 +1303,268 @@ fn verify_streams_a_manifest_of_millions_of_runs() {
     assert!(status.success(), "verify failed");
     // Far below the ~70 MB of JSON and the runs it holds.
     assert!(peak_kib < 48 * 1024, "peak RSS {peak_kib} KiB");
+}
+
+// ---- Bit rot must not spread ------------------------------------------------------------
+
+/// Rewrites every manifest in `d` as version 1 (64 MiB runs), as backups made before
+/// version 2 have them.
+fn to_v1_manifests(d: &Path) {
+    use qmpbackup::store::manifest::{self, runs};
+    for e in std::fs::read_dir(d).unwrap() {
+        let p = e.unwrap().path();
+        let name = p.file_name().unwrap().to_string_lossy().into_owned();
+        if name.ends_with(".manifest") || name.starts_with("model") {
+            continue;
+        }
+        let Some(mut m) = manifest::load_manifest(&p).unwrap() else {
+            continue;
+        };
+        let chain = manifest::open_alone(&p).unwrap();
+        let whole = 0..chain.virtual_size();
+        m.runs =
+            runs::compute_runs_in(&chain, std::slice::from_ref(&whole), runs::V1_RUN_SIZE).unwrap();
+        m.header.version = 1;
+        m.header.block_size = runs::V1_RUN_SIZE;
+        manifest::store(&p, &m).unwrap();
+    }
+}
+
+/// Flips a byte of the data that holds guest offset `guest` in the image `path` itself
+/// (inside the compressed stream for a compressed cluster).
+fn flip_guest_byte(path: &Path, guest: u64) {
+    let img = qcow2::Qcow2::open(path).unwrap();
+    let host = match img.block_status(guest, 1).unwrap().1 {
+        qcow2::ExtentKind::Data { host } => host,
+        // Early in the stream: the end of the last sector is padding.
+        qcow2::ExtentKind::Compressed { desc, .. } => desc.host_offset + 4,
+        other => panic!("{}: guest {guest:#x} is {other:?}", path.display()),
+    };
+    drop(img);
+    let mut bytes = std::fs::read(path).unwrap();
+    bytes[host as usize] ^= 0x40;
+    std::fs::write(path, bytes).unwrap();
+}
+
+/// Where rot is planted, and what each command must then do.
+struct RotCase {
+    what: &'static str,
+    /// Index of the point whose file rots, and the guest offset.
+    point: usize,
+    guest: u64,
+    /// Merge of the newest point stops (it reads the rotten data, or, with version 1, a
+    /// run holding it).
+    merge_stops: bool,
+    /// Commit stops before changing the FULL (else it succeeds, and verify afterwards
+    /// still finds the rot when `rot_survives`).
+    commit_stops: bool,
+    rot_survives: bool,
+}
+
+fn rot_cases(version: u32) -> Vec<RotCase> {
+    let v2 = version == 2;
+    vec![
+        RotCase {
+            what: "INC data",
+            point: 1,
+            guest: 6 * MIB as u64 + 100,
+            merge_stops: true,
+            commit_stops: true,
+            rot_survives: true,
+        },
+        RotCase {
+            what: "compressed INC data",
+            point: 2,
+            guest: 2 * MIB as u64 + 70000,
+            merge_stops: true,
+            commit_stops: true,
+            rot_survives: true,
+        },
+        // A FULL block no INC touches: commit leaves it, and its old checksum with it
+        // (version 1: the one 64 MiB block is touched, and checked first).
+        RotCase {
+            what: "FULL data the INCs leave",
+            point: 0,
+            guest: 7 * MIB as u64 + 600,
+            merge_stops: true,
+            commit_stops: !v2,
+            rot_survives: true,
+        },
+        // A FULL block an INC overwrites whole: the rot goes away with it.
+        RotCase {
+            what: "FULL data an INC overwrites",
+            point: 0,
+            guest: 2 * MIB as u64 + 100,
+            merge_stops: !v2,
+            commit_stops: !v2,
+            rot_survives: false,
+        },
+    ]
+}
+
+#[test]
+fn bit_rot_never_spreads_into_a_restore() {
+    let b = backup_dir();
+    let newest = &b.points.last().unwrap().1;
+    for version in [2, 1] {
+        for (i, case) in rot_cases(version).into_iter().enumerate() {
+            let label = format!("v{version} {}", case.what);
+            let d = copy_dir(&b, &format!("rot-v{version}-{i}"));
+            if version == 1 {
+                to_v1_manifests(&d);
+            }
+            let rotten = b.points[case.point].0.clone();
+            flip_guest_byte(&d.join(&rotten), case.guest);
+            let before = digest(&d);
+            let target = d.join(format!("out-{i}.qcow2"));
+            let t = target.to_str().unwrap();
+            // merge
+            let (c, _, e) = restore(&d, &["merge", "--dir", ".", "--targetfile", t]);
+            if case.merge_stops {
+                assert_eq!(c, 1, "{label}: merge should stop: {e}");
+                assert!(e.contains(&rotten), "{label}: names the file: {e}");
+                assert!(!target.exists(), "{label}: a target was left");
+                // (Rot in a compressed stream may fail decompression first.)
+                assert!(
+                    e.contains("--ignore-checksums") || e.contains("corrupt deflate"),
+                    "{label}: {e}"
+                );
+            } else {
+                assert_eq!(c, 0, "{label}: {e}");
+                same(&d, t, newest);
+                std::fs::remove_file(&target).unwrap();
+                std::fs::remove_file(d.join(format!("out-{i}.qcow2.manifest"))).unwrap();
+            }
+            assert!(digest(&d) == before, "{label}: merge changed the backups");
+            // --ignore-checksums: the data as it is, loudly.
+            if case.rot_survives && case.point != 2 {
+                let (c, _, e) = restore(
+                    &d,
+                    &[
+                        "merge",
+                        "--dir",
+                        ".",
+                        "--targetfile",
+                        t,
+                        "--ignore-checksums",
+                    ],
+                );
+                assert_eq!(c, 0, "{label}: {e}");
+                assert!(e.contains("NOT checked"), "{label}: {e}");
+                let (c, _, _) = run("qemu-img", &["compare", "-U", t, newest], &d);
+                assert_eq!(c, 1, "{label}: the rotten byte is restored as it is");
+                std::fs::remove_file(&target).unwrap();
+                std::fs::remove_file(d.join(format!("out-{i}.qcow2.manifest"))).unwrap();
+            }
+            // commit and snapshotrebase
+            for cmd in ["commit", "snapshotrebase"] {
+                let w = copy_dir(&b, &format!("rot-v{version}-{i}-{cmd}"));
+                if version == 1 {
+                    to_v1_manifests(&w);
+                }
+                flip_guest_byte(&w.join(&rotten), case.guest);
+                let before = digest(&w);
+                let (c, _, e) = restore(&w, &[cmd, "--dir", "."]);
+                let full = &b.points[0].0;
+                if case.commit_stops {
+                    assert_eq!(c, 1, "{label}: {cmd} should stop: {e}");
+                    assert!(e.contains(&rotten), "{label}: {cmd} names the file: {e}");
+                    assert!(digest(&w) == before, "{label}: {cmd} changed something");
+                    continue;
+                }
+                assert_eq!(c, 0, "{label}: {cmd}: {e}");
+                clean(&w, full);
+                let (c, _, e) = restore(&w, &["verify", "--dir", "."]);
+                if case.rot_survives {
+                    assert_eq!(c, 1, "{label}: {cmd} blessed the rot");
+                    assert!(
+                        e.contains(full.as_str()) && e.contains("checksum mismatch"),
+                        "{label}: {e}"
+                    );
+                } else {
+                    assert_eq!(c, 0, "{label}: {cmd}: {e}");
+                    same(&w, full, newest);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn lost_clusters_are_found_while_merging() {
+    // An INC's L2 entry cleared (the cluster is "unallocated" now): the chain would read
+    // the older data there. Its manifest still records the data: merge stops.
+    let b = backup_dir();
+    let d = copy_dir(&b, "lost");
+    let inc = d.join(&b.points[1].0);
+    let mut bytes = std::fs::read(&inc).unwrap();
+    let l1_off = u64::from_be_bytes(bytes[40..48].try_into().unwrap()) as usize;
+    let l2 = (u64::from_be_bytes(bytes[l1_off..l1_off + 8].try_into().unwrap())
+        & 0x00ff_ffff_ffff_fe00) as usize;
+    // Guest 6 MiB is cluster 96 of the first L2 table (64 KiB clusters).
+    let e = l2 + 96 * 8;
+    assert_ne!(bytes[e..e + 8], [0; 8]);
+    bytes[e..e + 8].fill(0);
+    std::fs::write(&inc, bytes).unwrap();
+    let t = d.join("out.qcow2");
+    let (c, _, e) = restore(
+        &d,
+        &["merge", "--dir", ".", "--targetfile", t.to_str().unwrap()],
+    );
+    assert_eq!(c, 1, "{e}");
+    assert!(
+        e.contains(&b.points[1].0) && e.contains("no longer has") && e.contains("0x600000"),
+        "{e}"
+    );
+    assert!(!t.exists());
+}
+
+#[test]
+fn commit_and_merge_agree_on_a_disk_that_shrank_and_grew() {
+    // The FULL was taken of a disk shrunk to 1 MiB - 4 KiB: its last cluster still holds
+    // data past that size. The INC grew the disk to 2 MiB without writing there: the
+    // linked chain reads zeros past the FULL's size, so every restore must.
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let full = "FULL-1000-d.qcow2";
+    let inc = "INC-1100-d.qcow2";
+    qemu_img(d, &["create", "-q", "-f", "qcow2", full, "1M"]);
+    qemu_io(d, full, &["write -P 0x55 0 1M"]);
+    qemu_img(
+        d,
+        &["resize", "-q", "--shrink", full, &(MIB - 4096).to_string()],
+    );
+    qemu_img(d, &["create", "-q", "-f", "qcow2", inc, "2M"]);
+    qemu_io(d, inc, &["write -P 0x66 1536K 64K"]);
+    let mut model = vec![0x55u8; MIB - 4096];
+    model.resize(2 * MIB, 0);
+    model[1536 * 1024..1600 * 1024].fill(0x66);
+    std::fs::write(d.join("model.raw"), &model).unwrap();
+    for f in [full, inc] {
+        qmpbackup::store::manifest::write_manifest(&d.join(f), Some("u")).unwrap();
+    }
+    let pristine = d.join("pristine");
+    std::fs::create_dir(&pristine).unwrap();
+    for f in [full, inc] {
+        std::fs::copy(d.join(f), pristine.join(f)).unwrap();
+        std::fs::copy(
+            d.join(format!("{f}.manifest")),
+            pristine.join(format!("{f}.manifest")),
+        )
+        .unwrap();
+    }
+    restore_ok(d, &["merge", "--dir", ".", "--targetfile", "merged.qcow2"]);
+    same(d, "merged.qcow2", "model.raw");
+    for cmd in ["commit", "snapshotrebase"] {
+        let w = d.join(cmd);
+        std::fs::create_dir(&w).unwrap();
+        for e in std::fs::read_dir(&pristine).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), w.join(e.file_name())).unwrap();
+        }
+        restore_ok(&w, &[cmd, "--dir", "."]);
+        clean(&w, full);
+        same(&w, full, d.join("model.raw").to_str().unwrap());
+        restore_ok(&w, &["verify", "--dir", "."]);
+    }
 }

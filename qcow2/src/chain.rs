@@ -141,6 +141,31 @@ pub fn probe_format(path: &Path) -> Result<Format> {
 
 pub struct Chain {
     layers: Vec<Layer>,
+    check: Option<Arc<dyn ReadCheck>>,
+}
+
+/// A stretch of guest bytes a chain read resolved to one layer, handed to a [`ReadCheck`].
+#[derive(Debug, Clone, Copy)]
+pub struct ResolvedRead<'a> {
+    /// Guest offset of the first byte.
+    pub start: u64,
+    pub len: u64,
+    /// The layer it came from (0 = top). When `allocated` is false, no layer at or above
+    /// `depth` holds the range (it reads as zeros).
+    pub depth: usize,
+    /// Held by layer `depth` (data, compressed or a zero flag).
+    pub allocated: bool,
+    /// The guest bytes when they were read; None when the range reads as zeros and the
+    /// reader did not read it.
+    pub data: Option<&'a [u8]>,
+}
+
+/// Checks what a chain reads before it is used (against checksums recorded when the layers
+/// were written, say). An error fails the read that was checked.
+pub trait ReadCheck: Send + Sync {
+    /// Called for every stretch a read resolved. `chain` reads a layer alone
+    /// ([`Chain::read_layer`]) for whatever the check needs beyond the bytes read.
+    fn check(&self, chain: &Chain, read: &ResolvedRead<'_>) -> Result<()>;
 }
 
 #[derive(Debug, Clone, Default)]
@@ -199,14 +224,71 @@ impl Chain {
             }
             layers.push(layer);
         }
-        Ok(Chain { layers })
+        Ok(Chain {
+            layers,
+            check: None,
+        })
     }
 
     pub fn from_layers(layers: Vec<Layer>) -> Result<Chain> {
         if layers.is_empty() {
             return Err(Error::bad_request("a chain needs at least one image"));
         }
-        Ok(Chain { layers })
+        Ok(Chain {
+            layers,
+            check: None,
+        })
+    }
+
+    /// Every read from now on is checked by `check` (see [`ReadCheck`]).
+    pub fn set_read_check(&mut self, check: Arc<dyn ReadCheck>) {
+        self.check = Some(check);
+    }
+
+    /// Reads layer `depth` alone at guest `offset`: its own clusters, zeros where it holds
+    /// nothing or past its end. Not checked.
+    pub fn read_layer(&self, depth: usize, buf: &mut [u8], offset: u64) -> Result<()> {
+        let layer = self.layers.get(depth).ok_or_else(|| {
+            Error::internal(
+                self.top().path(),
+                format!("layer {depth} of a {}-image chain", self.layers.len()),
+            )
+        })?;
+        match layer {
+            Layer::Qcow2(q) => q.read_view(buf, offset, None),
+            Layer::Raw(r) => {
+                let keep = r.size.saturating_sub(offset).min(buf.len() as u64) as usize;
+                buf[keep..].fill(0);
+                if keep == 0 {
+                    return Ok(());
+                }
+                r.storage
+                    .read_at(&mut buf[..keep], offset)
+                    .at(&r.path, "reading data", offset)
+            }
+        }
+    }
+
+    /// Hands a range that reads as zeros, mapped but not read, to the read check (if any),
+    /// so what is *not* there is checked too.
+    pub fn check_unread(&self, e: &Extent) -> Result<()> {
+        self.run_check(e, e.start, e.len, None)
+    }
+
+    fn run_check(&self, e: &Extent, start: u64, len: u64, data: Option<&[u8]>) -> Result<()> {
+        let Some(check) = &self.check else {
+            return Ok(());
+        };
+        check.check(
+            self,
+            &ResolvedRead {
+                start,
+                len,
+                depth: e.depth,
+                allocated: e.present(),
+                data,
+            },
+        )
     }
 
     pub fn layers(&self) -> &[Layer] {
@@ -360,7 +442,13 @@ impl Chain {
     }
 
     /// Reads the guest content of one extent (or the part `[from, from+buf.len())` of it).
+    /// Checked by the chain's read check, if it has one.
     pub fn read_extent(&self, e: &Extent, from: u64, buf: &mut [u8]) -> Result<()> {
+        self.read_extent_unchecked(e, from, buf)?;
+        self.run_check(e, from, buf.len() as u64, Some(buf))
+    }
+
+    fn read_extent_unchecked(&self, e: &Extent, from: u64, buf: &mut [u8]) -> Result<()> {
         debug_assert!(from >= e.start && from + buf.len() as u64 <= e.end());
         let delta = from - e.start;
         match e.kind {

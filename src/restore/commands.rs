@@ -9,6 +9,10 @@ use crate::store::file::BackupFile;
 use crate::store::level::BackupLevel;
 use crate::store::lock::DirLock;
 use crate::store::manifest;
+use crate::store::manifest::check::ManifestCheck;
+use crate::store::manifest::edit::{self, FullEdit};
+use crate::store::manifest::runs::{block_size_for, RunBuilder};
+use crate::store::manifest::verify::verify_manifest;
 use anyhow::{bail, Context, Result};
 use qcow2::chain::Layer;
 use qcow2::ops::commit::commit_into;
@@ -20,6 +24,7 @@ use qcow2::OpenRwOptions;
 use qcow2::{check, Format, OpenOptions, Qcow2};
 use serde::Serialize;
 use std::path::Path;
+use std::sync::Arc;
 
 /// The chain a command works on: the newest FULL and its INCs, cut at `--until`.
 pub fn select_chain(c: &Common) -> Result<(DiskDir, BackupChain)> {
@@ -85,13 +90,12 @@ fn tolerable_stale_flags(f: &BackupFile, r: &check::CheckReport) -> bool {
 /// command that changes the FULL need not check it again.
 pub fn preflight(
     chain: &BackupChain,
-    skip_check: bool,
-    force_share: bool,
+    opts: &crate::restore::options::CheckOptions,
 ) -> Result<Option<check::CheckReport>> {
     for f in chain.files() {
-        refuse_in_use(f, force_share)?;
+        refuse_in_use(f, opts.force_share)?;
     }
-    preflight_files(chain, skip_check, false)
+    preflight_files(chain, opts.skip_check, opts.ignore_checksums)
 }
 
 /// [`preflight`] without the in-use check. With `tolerate_bad_manifests`, a manifest that
@@ -226,7 +230,7 @@ fn preflight_writable(files: &[&BackupFile]) -> Result<()> {
 pub fn rebase(c: &Common, dry_run: bool) -> Result<()> {
     let _lock = if dry_run { None } else { Some(lock_dir(c)?) };
     let (_, chain) = select_chain(c)?;
-    preflight(&chain, c.check.skip_check, c.check.force_share)?;
+    preflight(&chain, &c.check)?;
     let files = chain.files();
     let link = c.source.dir.join("image");
     let dir = Dir::open(&c.source.dir)
@@ -308,11 +312,80 @@ fn open_full_for_writing(full: &BackupFile, checked: Option<check::CheckReport>)
     Ok(Qcow2::open_rw(path, OpenRwOptions::default())?)
 }
 
-fn commit_inc(full: &mut Qcow2, inc: &BackupFile, rate_limit: u64) -> Result<()> {
+/// Says loudly that checksums are off (`--ignore-checksums`).
+fn warn_unchecked() {
+    report::warn(
+        "--ignore-checksums: backup data is NOT checked against its checksum manifests; bit rot in the backups goes into the result unnoticed",
+    );
+}
+
+/// Before a commit changes the FULL: every INC to be committed is re-read whole and checked
+/// against its manifest (a pre-pass, small next to the FULL), so rot in an INC never
+/// reaches the FULL; then the FULL's blocks the INCs change in part, so rot there is not
+/// blessed with a new checksum. What an interrupted commit left is repaired first.
+fn check_before_commit(full: &BackupFile, incs: &[&BackupFile], checks: bool) -> Result<()> {
+    recover_manifest(full)?;
+    if !checks {
+        warn_unchecked();
+        return Ok(());
+    }
+    for inc in incs {
+        match verify_manifest(&inc.path) {
+            Ok(Some(_)) => {}
+            Ok(None) => report::warn(format!(
+                "{}: no checksum manifest (a backup made before manifests existed?): its data is not checked",
+                inc.name
+            )),
+            Err(e) => {
+                return Err(e.context(format!(
+                    "{} failed its checksum check; the full backup was not changed. `qmprestore verify` lists every damaged file; --until stops before this point, and --ignore-checksums commits the data as it is",
+                    inc.name
+                )))
+            }
+        }
+    }
+    let chains = incs
+        .iter()
+        .map(|f| open_alone(f))
+        .collect::<Result<Vec<_>>>()?;
+    edit::check_full(&full.path, &chains).with_context(|| {
+        format!(
+            "{}: checksum check failed. `qmprestore verify` reports every damaged file; --ignore-checksums commits anyway",
+            full.name
+        )
+    })
+}
+
+/// Commits one INC into the FULL, keeping the FULL's manifest true block by block (see
+/// [`FullEdit`]); a FULL grown by the commit reads zeros past its old size, as the linked
+/// chain does.
+fn commit_inc(
+    full_file: &BackupFile,
+    full: &mut Qcow2,
+    inc: &BackupFile,
+    rate_limit: u64,
+) -> Result<()> {
     let inc_chain = open_alone(inc)?;
+    let edit = FullEdit::begin(&full_file.path, &inc_chain)?;
+    full.grow_zeroing_tail(inc_chain.virtual_size())?;
     commit_into(full, None, &inc_chain, 1, &mut Throttle::new(rate_limit))
         .with_context(|| format!("committing {} into the full backup", inc.name))?;
     full.flush()?;
+    if let Some(edit) = edit {
+        edit.finish()?;
+    }
+    Ok(())
+}
+
+/// What an interrupted commit left in the FULL's manifest is repaired before anything else.
+fn recover_manifest(full: &BackupFile) -> Result<()> {
+    if let Some(bytes) = edit::recover(&full.path)? {
+        report::warn(format!(
+            "{}: an interrupted commit had changed some blocks; their checksums ({}) were recomputed from the file as it is now",
+            full.name,
+            report::bytes(bytes)
+        ));
+    }
     Ok(())
 }
 
@@ -328,30 +401,23 @@ fn interrupted_hint(full: &BackupFile, inc: &BackupFile, cmd: &str) -> String {
 pub fn commit(c: &Common, rate_limit: u64) -> Result<()> {
     let _lock = lock_dir(c)?;
     let (_, chain) = select_chain(c)?;
-    let checked = preflight(&chain, c.check.skip_check, c.check.force_share)?;
+    let checked = preflight(&chain, &c.check)?;
+    let incs: Vec<&BackupFile> = chain.incs.iter().collect();
+    check_before_commit(&chain.full, &incs, !c.check.ignore_checksums)?;
     let mut full = open_full_for_writing(&chain.full, checked)?;
     for inc in &chain.incs {
         report::info(format!("committing {} into {}", inc.name, chain.full.name));
-        commit_inc(&mut full, inc, rate_limit)
+        commit_inc(&chain.full, &mut full, inc, rate_limit)
             .with_context(|| interrupted_hint(&chain.full, inc, "commit"))?;
         std::fs::remove_file(&inc.path)
             .with_context(|| format!("{}: cannot remove", inc.path.display()))?;
         let _ = std::fs::remove_file(manifest::manifest_path(&inc.path));
     }
     drop(full);
-    refresh_manifest(&chain.full.path)?;
     report::info(format!(
         "{} holds the restored disk",
         chain.full.path.display()
     ));
-    Ok(())
-}
-
-/// A manifest beside a file we changed would be stale: write it anew (keeping the uuid).
-fn refresh_manifest(path: &Path) -> Result<()> {
-    if let Some(old) = manifest::read_manifest(path)? {
-        manifest::write_manifest(path, old.uuid.as_deref())?;
-    }
     Ok(())
 }
 
@@ -360,7 +426,7 @@ fn refresh_manifest(path: &Path) -> Result<()> {
 /// With `share_blocks`, the target shares the backups' data blocks where the filesystem can.
 pub fn merge(c: &Common, target: &Path, share_blocks: bool, rate_limit: u64) -> Result<()> {
     let (_, chain) = select_chain(c)?;
-    preflight(&chain, c.check.skip_check, c.check.force_share)?;
+    preflight(&chain, &c.check)?;
     if target.symlink_metadata().is_ok() {
         bail!(
             "{}: target exists; not overwriting it (choose another --targetfile or remove it)",
@@ -383,7 +449,10 @@ pub fn merge(c: &Common, target: &Path, share_blocks: bool, rate_limit: u64) -> 
         let q = Qcow2::open(&f.path).context("cannot open backup file")?;
         layers.push(Layer::Qcow2(Box::new(q)));
     }
-    let stack = qcow2::Chain::from_layers(layers)?;
+    let mut stack = qcow2::Chain::from_layers(layers)?;
+    if let Some(check) = read_check(&stack, !c.check.ignore_checksums)? {
+        stack.set_read_check(check);
+    }
     let full_hdr = open_alone(&chain.full)?;
     let cluster_size = full_hdr
         .top()
@@ -407,7 +476,8 @@ pub fn merge(c: &Common, target: &Path, share_blocks: bool, rate_limit: u64) -> 
         target.display()
     ));
     // The manifest is built from the data as it is written: no second read of the output.
-    let mut runs = manifest::RunBuilder::new();
+    let block = block_size_for(cluster_size);
+    let mut runs = RunBuilder::new(block);
     to_qcow2_observed(&stack, target, &opts, &mut |off, data| runs.feed(off, data)).with_context(
         || {
             format!(
@@ -417,8 +487,29 @@ pub fn merge(c: &Common, target: &Path, share_blocks: bool, rate_limit: u64) -> 
         },
     )?;
     let uuid = manifest::read_manifest(&chain.full.path)?.and_then(|m| m.uuid);
-    manifest::write_manifest_runs(target, uuid.as_deref(), stack.virtual_size(), runs.finish())?;
+    let (_, target_name) = manifest::open_parent(target)?;
+    let m = manifest::Manifest {
+        header: manifest::new_header(&target_name, uuid.as_deref(), stack.virtual_size(), block),
+        runs: runs.finish(),
+    };
+    manifest::store(target, &m)?;
     Ok(())
+}
+
+/// The read check of a restore that reads `chain`: every block read from a backup file is
+/// checked against the file's manifest (None with `--ignore-checksums`).
+fn read_check(chain: &qcow2::Chain, checks: bool) -> Result<Option<Arc<ManifestCheck>>> {
+    if !checks {
+        warn_unchecked();
+        return Ok(None);
+    }
+    let (check, unchecked) = ManifestCheck::for_chain(chain)?;
+    for path in unchecked {
+        report::warn(format!(
+            "{path}: no checksum manifest (a backup made before manifests existed?): its data is not checked"
+        ));
+    }
+    Ok(Some(Arc::new(check)))
 }
 
 pub const FULL_SNAPSHOT: &str = "FULL-BACKUP";
@@ -429,9 +520,20 @@ pub const FULL_SNAPSHOT: &str = "FULL-BACKUP";
 pub fn snapshotrebase(c: &Common, rate_limit: u64) -> Result<()> {
     let _lock = lock_dir(c)?;
     let (_, chain) = select_chain(c)?;
-    let checked = preflight(&chain, c.check.skip_check, c.check.force_share)?;
+    let checked = preflight(&chain, &c.check)?;
+    let existing: Vec<String> = Qcow2::open(&chain.full.path)
+        .context("cannot open backup file")?
+        .snapshots()?
+        .into_iter()
+        .map(|s| s.name)
+        .collect();
+    let todo: Vec<&BackupFile> = chain
+        .incs
+        .iter()
+        .filter(|inc| !existing.contains(&inc.snapshot_name()))
+        .collect();
+    check_before_commit(&chain.full, &todo, !c.check.ignore_checksums)?;
     let mut full = open_full_for_writing(&chain.full, checked)?;
-    let existing: Vec<String> = full.snapshots()?.into_iter().map(|s| s.name).collect();
     if !existing.iter().any(|n| n == FULL_SNAPSHOT) {
         full.snapshot_create(FULL_SNAPSHOT)?;
         report::info(format!("{}: snapshot {FULL_SNAPSHOT}", chain.full.name));
@@ -443,7 +545,7 @@ pub fn snapshotrebase(c: &Common, rate_limit: u64) -> Result<()> {
             continue;
         }
         report::info(format!("committing {} (snapshot {name})", inc.name));
-        commit_inc(&mut full, inc, rate_limit).with_context(|| {
+        commit_inc(&chain.full, &mut full, inc, rate_limit).with_context(|| {
             format!(
                 "{}; or roll back with `qcow2 snapshot -a {FULL_SNAPSHOT} {}`",
                 interrupted_hint(&chain.full, inc, "snapshotrebase"),
@@ -460,7 +562,6 @@ pub fn snapshotrebase(c: &Common, rate_limit: u64) -> Result<()> {
             let _ = std::fs::remove_file(manifest::manifest_path(&inc.path));
         }
     }
-    refresh_manifest(&chain.full.path)?;
     Ok(())
 }
 
@@ -507,7 +608,13 @@ pub fn verify(c: &Common) -> Result<Vec<VerifiedFile>> {
                     r.messages.first().cloned().unwrap_or_default()
                 );
             }
-            Ok(manifest::verify_manifest(&f.path)?.is_some())
+            if edit::is_pending(&f.path) {
+                bail!(
+                    "{}: an interrupted commit or snapshotrebase left the checksums of some blocks stale; run it again to finish",
+                    f.path.display()
+                );
+            }
+            Ok(verify_manifest(&f.path)?.is_some())
         })();
         out.push(match res {
             Ok(has) => VerifiedFile {

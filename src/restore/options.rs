@@ -32,6 +32,11 @@ pub struct CheckOptions {
     /// open for writing. Without it such a file is refused: it could be read torn.
     #[arg(long, global = true)]
     pub force_share: bool,
+    /// Restore without checking backup data against its checksum manifests: for a rescue
+    /// when a backup is known damaged and its data is wanted as it is. Rot in the backups
+    /// then goes into the restored disk unnoticed.
+    #[arg(long, global = true)]
+    pub ignore_checksums: bool,
 }
 
 /// A copy's speed limit.

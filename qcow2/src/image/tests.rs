@@ -360,3 +360,31 @@ fn snapshots_keep_their_view_while_the_image_changes() {
     assert!(e.is_usage() && e.to_string().contains("not found"), "{e}");
     reopen_checked(img, s);
 }
+
+#[test]
+fn growing_with_a_zeroed_tail_hides_what_a_shrink_left_in_the_last_cluster() {
+    for compressed in [false, true] {
+        let (mut img, s) = mem_image(128 * K, 64 * K, false);
+        let data = vec![0x5a; 128 * K as usize];
+        if compressed {
+            img.write_compressed(1, &data[..64 * K as usize]).unwrap();
+        } else {
+            img.write_at(&data, 0, None).unwrap();
+        }
+        // As a shrink to 68 KiB leaves it: the second cluster still holds data past the size.
+        img.header.size = 68 * K;
+        let zeroed = img.grow_zeroing_tail(256 * K).unwrap();
+        assert_eq!(zeroed, Some(68 * K..128 * K));
+        let img = reopen_checked(img, s);
+        let v = view(&img, None);
+        assert!(v[64 * K as usize..68 * K as usize]
+            .iter()
+            .all(|&b| b == 0x5a));
+        assert!(v[68 * K as usize..].iter().all(|&b| b == 0), "{compressed}");
+    }
+    // Nothing to hide: an aligned old size, or a tail that already reads as zeros.
+    let (mut img, _) = mem_image(128 * K, 64 * K, false);
+    assert_eq!(img.grow_zeroing_tail(256 * K).unwrap(), None);
+    img.header.size = 68 * K;
+    assert_eq!(img.grow_zeroing_tail(256 * K).unwrap(), None);
+}

@@ -12,6 +12,7 @@ use crate::format::entry::{
     CompressedDesc, L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO,
 };
 use crate::format::header::{self, Header, AUTOCLEAR_KNOWN};
+use crate::mapping::ExtentKind;
 use crate::storage::{FileStorage, Storage};
 use byteorder::{BigEndian as BE, ByteOrder};
 use std::path::Path;
@@ -621,6 +622,33 @@ impl Qcow2 {
         }
         self.rw()?.header_dirty = true;
         Ok(())
+    }
+
+    /// [`Qcow2::grow`], and the rest of the old last cluster (bytes past the old size, which
+    /// an earlier shrink may have left holding data) made to read as zeros, as a chain
+    /// read through this image sees them. `qemu-img commit` grows without this; qmprestore
+    /// needs it so that a commit agrees with a merge. Returns the guest range zeroed.
+    pub fn grow_zeroing_tail(&mut self, new_size: u64) -> Result<Option<std::ops::Range<u64>>> {
+        let old_size = self.virtual_size();
+        if new_size <= old_size {
+            return Ok(None);
+        }
+        self.grow(new_size)?;
+        let tail_end = old_size
+            .next_multiple_of(self.cluster_size())
+            .min(self.virtual_size());
+        if tail_end <= old_size {
+            return Ok(None);
+        }
+        let (_, kind) = self.block_status(old_size, tail_end - old_size)?;
+        if !matches!(
+            kind,
+            ExtentKind::Data { .. } | ExtentKind::Compressed { .. }
+        ) {
+            return Ok(None);
+        }
+        self.write_zeroes(old_size, tail_end - old_size, false, None)?;
+        Ok(Some(old_size..tail_end))
     }
 
     /// Moves the L1 table to new clusters with room for `entries`.

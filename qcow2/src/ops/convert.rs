@@ -165,3 +165,108 @@ pub fn copy_into_observed(
     )?;
     Ok(sink.progress.stats)
 }
+
+/// The chain's read check sees every byte a copy reads.
+#[cfg(test)]
+mod read_check_tests {
+    use crate::chain::{Chain, ReadCheck, ResolvedRead};
+    use crate::error::{Error, Result};
+    use crate::ops::convert::copy_into;
+    use crate::ops::throttle::Throttle;
+    use crate::testutil::{chain_of, mem_image, read_all};
+    use std::sync::{Arc, Mutex};
+
+    const K: u64 = 1024;
+
+    /// A read shown to the check: start, length, depth, allocated, data given.
+    type Shown = (u64, u64, usize, bool, bool);
+
+    /// Records what it is shown; refuses anything from layer `refuse_depth`.
+    #[derive(Default)]
+    struct Recorder {
+        seen: Mutex<Vec<Shown>>,
+        refuse_depth: Option<usize>,
+    }
+
+    impl ReadCheck for Recorder {
+        fn check(&self, chain: &Chain, r: &ResolvedRead<'_>) -> Result<()> {
+            if let Some(d) = r.data {
+                assert_eq!(d.len() as u64, r.len);
+                if r.allocated {
+                    // What was read is what the layer alone holds there.
+                    let mut alone = vec![0u8; r.len as usize];
+                    chain.read_layer(r.depth, &mut alone, r.start)?;
+                    assert!(alone == d);
+                }
+            }
+            if self.refuse_depth == Some(r.depth) && r.allocated {
+                return Err(Error::invalid("layer", "refused"));
+            }
+            self.seen.lock().unwrap().push((
+                r.start,
+                r.len,
+                r.depth,
+                r.allocated,
+                r.data.is_some(),
+            ));
+            Ok(())
+        }
+    }
+
+    /// base: data in clusters 0-2, a zero cluster at 3; top: data in cluster 1.
+    fn two_layers() -> Chain {
+        let (mut base, _) = mem_image(512 * K, 64 * K, false);
+        base.write_at(&vec![1; 192 * K as usize], 0, None).unwrap();
+        base.write_zeroes(192 * K, 64 * K, false, None).unwrap();
+        let (mut top, _) = mem_image(512 * K, 64 * K, false);
+        top.write_at(&vec![2; 64 * K as usize], 64 * K, None)
+            .unwrap();
+        chain_of(vec![top, base])
+    }
+
+    #[test]
+    fn a_copy_shows_every_byte_to_the_read_check_with_the_layer_it_came_from() {
+        let mut chain = two_layers();
+        let expected = read_all(&chain);
+        let check = Arc::new(Recorder::default());
+        chain.set_read_check(check.clone());
+        let (mut out, _) = mem_image(512 * K, 64 * K, false);
+        copy_into(&chain, &mut out, false, &mut Throttle::new(0)).unwrap();
+        let mut seen = check.seen.lock().unwrap().clone();
+        seen.sort();
+        seen.dedup();
+        // Every byte is accounted for, each by the layer that resolves it.
+        let mut pos = 0;
+        for &(start, len, depth, allocated, _) in &seen {
+            assert!(start <= pos, "{seen:?}");
+            let (want_depth, want_alloc) = match start {
+                s if s < 64 * K => (1, true),
+                s if s < 128 * K => (0, true),
+                s if s < 256 * K => (1, true),
+                _ => (1, false),
+            };
+            assert_eq!((depth, allocated), (want_depth, want_alloc), "{seen:?}");
+            pos = pos.max(start + len);
+        }
+        assert_eq!(pos, 512 * K);
+        // Data was read and shown; the zero cluster and the hole were shown unread.
+        assert!(seen.iter().any(|s| s.0 == 192 * K && !s.4));
+        assert_eq!(read_all(&chain), expected);
+    }
+
+    #[test]
+    fn a_failed_check_fails_the_read_and_the_copy() {
+        let mut chain = two_layers();
+        chain.set_read_check(Arc::new(Recorder {
+            refuse_depth: Some(1),
+            ..Default::default()
+        }));
+        let mut buf = vec![0u8; 4096];
+        chain.read_at(&mut buf, 64 * K).unwrap();
+        let e = chain.read_at(&mut buf, 0).unwrap_err();
+        assert!(e.to_string().contains("refused"), "{e}");
+        let (mut out, _) = mem_image(512 * K, 64 * K, false);
+        let e = copy_into(&chain, &mut out, false, &mut Throttle::new(0)).unwrap_err();
+        assert!(e.to_string().contains("refused"), "{e}");
+    }
+}

@@ -79,6 +79,9 @@ pub fn read_data_window(
     } else {
         Vec::new()
     };
+    for e in extents.iter().filter(|e| e.reads_as_zero()) {
+        chain.check_unread(e)?;
+    }
     let mut runs: Vec<ByteRange> = Vec::new();
     for r in data_units(&extents, window, unit) {
         let (a, b) = (

@@ -1,0 +1,249 @@
+//! Re-reading an image and comparing it with its manifest: the whole image (`verify`), or
+//! some blocks of it (before a commit changes them).
+
+use crate::store::manifest::runs::{hash_layer, overlapping, CheckedRun};
+use crate::store::manifest::{damaged, manifest_path, open_alone, read_streaming, ManifestHeader};
+use anyhow::{bail, Result};
+use qcow2::{Chain, Format};
+use std::ops::Range;
+use std::path::Path;
+
+/// Compares an image opened alone with recorded runs, one at a time.
+pub struct RunVerifier<'a> {
+    chain: &'a Chain,
+    name: String,
+    is_raw: bool,
+    buf: Vec<u8>,
+}
+
+impl<'a> RunVerifier<'a> {
+    pub fn new(chain: &'a Chain, name: String) -> Self {
+        RunVerifier {
+            chain,
+            name,
+            is_raw: chain.top().format() == Format::Raw,
+            buf: vec![0u8; 1 << 20],
+        }
+    }
+
+    /// The first offset of `[start, end)` that is allocated (or not, per `allocated`).
+    fn first(&self, start: u64, end: u64, allocated: bool) -> Result<Option<u64>> {
+        let mut found = None;
+        if end <= start {
+            return Ok(None);
+        }
+        self.chain.for_each_extent(start, end - start, |e| {
+            if found.is_none() && (e.present() || self.is_raw) == allocated {
+                found = Some(e.start.max(start));
+            }
+            Ok(())
+        })?;
+        Ok(found)
+    }
+
+    /// Nothing may be allocated in `[start, end)`: the manifest records nothing there.
+    pub fn gap(&self, start: u64, end: u64) -> Result<()> {
+        if let Some(off) = self.first(start, end, true)? {
+            bail!(
+                "{}: data at guest offset {off:#x} that the manifest does not record (damaged metadata?)",
+                self.name
+            );
+        }
+        Ok(())
+    }
+
+    /// The run must be allocated throughout and match its checksum.
+    pub fn run(&mut self, r: &CheckedRun) -> Result<()> {
+        if let Some(off) = self.first(r.start, r.end(), false)? {
+            bail!(
+                "{}: the manifest records data at guest offset {off:#x} that the image no longer has (damaged metadata?)",
+                self.name
+            );
+        }
+        let mut h = crc32fast::Hasher::new();
+        hash_layer(self.chain, 0, r.start, r.end(), &mut self.buf, &mut h)?;
+        let found = h.finalize();
+        if found != r.crc {
+            bail!(
+                "{}: checksum mismatch in guest range {:#x}..{:#x} (bit rot or damage): recorded {:08x}, found {found:08x}",
+                self.name,
+                r.start,
+                r.end(),
+                r.crc
+            );
+        }
+        Ok(())
+    }
+
+    /// Every recorded run within `ranges` (sorted, disjoint, each made of whole blocks of
+    /// the manifest, so no run crosses one's edge), and nothing else allocated in them.
+    pub fn ranges(&mut self, runs: &[CheckedRun], ranges: &[Range<u64>]) -> Result<()> {
+        for range in ranges {
+            let mut pos = range.start;
+            for r in &runs[overlapping(runs, range.start, range.end)] {
+                self.gap(pos, r.start)?;
+                self.run(r)?;
+                pos = r.end();
+            }
+            self.gap(pos, range.end.max(pos))?;
+        }
+        Ok(())
+    }
+}
+
+/// Re-reads the image and compares with its manifest, one recorded run at a time (bounded
+/// memory whatever the manifest's size): every recorded range must be allocated and match
+/// its checksum, and nothing between them allocated. Ok(None) when there is no manifest;
+/// Err describes the first difference (file and guest offset).
+pub fn verify_manifest(image: &Path) -> Result<Option<ManifestHeader>> {
+    if manifest_path(image).symlink_metadata().is_err() {
+        return Ok(None);
+    }
+    let chain = open_alone(image)?;
+    let size = chain.virtual_size();
+    let mut v = RunVerifier::new(&chain, image.display().to_string());
+    let mut pos = 0u64;
+    let header = read_streaming(image, |r| {
+        if r.end() > size {
+            return Err(damaged(
+                &manifest_path(image),
+                format!(
+                    "run {:#x}+{:#x} is past the disk's end ({size} bytes)",
+                    r.start, r.len
+                ),
+            ));
+        }
+        v.gap(pos, r.start)?;
+        v.run(&r)?;
+        pos = r.end();
+        Ok(())
+    })?;
+    let Some(header) = header else {
+        return Ok(None);
+    };
+    if size != header.virtual_size {
+        bail!(
+            "{}: virtual size is {size}, the manifest recorded {}",
+            image.display(),
+            header.virtual_size
+        );
+    }
+    v.gap(pos, size)?;
+    Ok(Some(header))
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::store::manifest::runs::V1_RUN_SIZE;
+    use crate::store::manifest::verify::verify_manifest;
+    use crate::store::manifest::{
+        load_manifest, manifest_path, read_manifest, store, write_manifest,
+    };
+    use std::path::{Path, PathBuf};
+
+    /// A raw image of `len` bytes of a pattern (raw: every byte is the image's own).
+    pub fn raw_image(dir: &Path, len: usize) -> PathBuf {
+        let path = dir.join("COPY-1-d.raw");
+        let data: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
+        std::fs::write(&path, data).unwrap();
+        path
+    }
+
+    #[test]
+    fn write_then_read_back_and_verify() {
+        let tmp = tempfile::tempdir().unwrap();
+        let image = raw_image(tmp.path(), 3 << 20);
+        assert_eq!(read_manifest(&image).unwrap(), None);
+        assert_eq!(verify_manifest(&image).unwrap(), None);
+        let written = write_manifest(&image, Some("u-1")).unwrap();
+        assert_eq!(
+            manifest_path(&image),
+            tmp.path().join("COPY-1-d.raw.manifest")
+        );
+        assert_eq!(load_manifest(&image).unwrap().unwrap(), written);
+        let header = read_manifest(&image).unwrap().unwrap();
+        assert_eq!(
+            (
+                header.file.as_str(),
+                header.version,
+                header.virtual_size,
+                header.block_size,
+                header.uuid.as_deref()
+            ),
+            ("COPY-1-d.raw", 2, 3 << 20, 1 << 20, Some("u-1"))
+        );
+        // One run per 1 MiB block.
+        assert_eq!(written.runs.len(), 3);
+        assert_eq!(written.runs.iter().map(|r| r.len).sum::<u64>(), 3 << 20);
+        assert_eq!(verify_manifest(&image).unwrap().unwrap(), header);
+        // The JSON is the documented one, and serde reads it as such.
+        let text = std::fs::read_to_string(manifest_path(&image)).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["version"], 2);
+        assert_eq!(v["block-size"], 1 << 20);
+        assert_eq!(v["runs"][1][0], 1 << 20);
+    }
+
+    #[test]
+    fn version_1_manifests_are_read_and_rewritten_as_version_1() {
+        let tmp = tempfile::tempdir().unwrap();
+        let image = raw_image(tmp.path(), 1 << 20);
+        let crc = crc32fast::hash(&std::fs::read(&image).unwrap());
+        std::fs::write(
+            manifest_path(&image),
+            format!(
+                r#"{{"format":"qmpbackup-manifest","version":1,"file":"COPY-1-d.raw","virtual-size":1048576,"run-size":67108864,"uuid":null,"runs":[[0,1048576,"{crc:08x}"]]}}"#
+            ),
+        )
+        .unwrap();
+        let m = load_manifest(&image).unwrap().unwrap();
+        assert_eq!((m.header.version, m.header.block_size), (1, V1_RUN_SIZE));
+        verify_manifest(&image).unwrap().unwrap();
+        store(&image, &m).unwrap();
+        assert_eq!(load_manifest(&image).unwrap().unwrap(), m);
+        let text = std::fs::read_to_string(manifest_path(&image)).unwrap();
+        assert!(text.contains("\"run-size\": 67108864"), "{text}");
+    }
+
+    #[test]
+    fn changed_data_is_found() {
+        let tmp = tempfile::tempdir().unwrap();
+        let image = raw_image(tmp.path(), 1 << 20);
+        write_manifest(&image, None).unwrap();
+        let mut data = std::fs::read(&image).unwrap();
+        data[4242] ^= 1;
+        std::fs::write(&image, data).unwrap();
+        let e = verify_manifest(&image).unwrap_err().to_string();
+        assert!(e.contains("checksum mismatch"), "{e}");
+    }
+
+    #[test]
+    fn damaged_manifests_are_reported_as_damaged() {
+        let tmp = tempfile::tempdir().unwrap();
+        let image = raw_image(tmp.path(), 1 << 20);
+        let path = manifest_path(&image);
+        let head = r#""format":"qmpbackup-manifest","version":2,"file":"x","virtual-size":1048576,"block-size":1048576"#;
+        for bad in [
+            "".to_string(),
+            "{".into(),
+            "[]".into(),
+            r#"{"version":1}"#.into(),
+            r#"{"format":"other","version":1,"runs":[]}"#.into(),
+            r#"{"format":"qmpbackup-manifest","version":3,"runs":[]}"#.into(),
+            r#"{"format":"qmpbackup-manifest","version":1,"runs":[[0,1]]}"#.into(),
+            format!(r#"{{{head},"runs":[]}} trailing"#),
+            format!(r#"{{{head},"runs":[[0,4194304,"00000000"]]}}"#),
+            format!(r#"{{{head},"runs":[[4096,1,"0"],[0,1,"0"]]}}"#),
+            format!(r#"{{{head},"runs":[[0,0,"0"]]}}"#),
+            format!(r#"{{{head},"runs":[[0,1,"zz"]]}}"#),
+            r#"{"format":"qmpbackup-manifest","version":2,"file":"x","virtual-size":1048576,"block-size":3,"runs":[]}"#.into(),
+            r#"{"format":"qmpbackup-manifest","version":2,"file":"x","runs":[[0,1,"0"]],"virtual-size":1048576,"block-size":1048576}"#.into(),
+        ] {
+            std::fs::write(&path, &bad).unwrap();
+            let e = read_manifest(&image).unwrap_err().to_string();
+            assert!(e.contains("damaged checksum manifest"), "{bad}: {e}");
+            assert!(e.contains("--ignore-checksums"), "{bad}: {e}");
+            assert!(load_manifest(&image).is_err(), "{bad}");
+        }
+    }
+}
