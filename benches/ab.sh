@@ -6,6 +6,9 @@
 # Usage: bash benches/ab.sh /path/to/older/qmprestore [ROUNDS]   (needs qemu-img, qemu-io)
 # Build the older one with: git worktree add /tmp/old REV && cargo build --release
 #   --manifest-path /tmp/old/Cargo.toml --bin qmprestore
+# MANIFESTS=1 gives the backup files checksum manifests (as real backups have), and
+# OLD_ARGS are passed to the older build: `MANIFESTS=1 OLD_ARGS=--ignore-checksums bash
+# benches/ab.sh target/release/qmprestore` measures what checking costs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BASE=${1:?usage: bash benches/ab.sh /path/to/older/qmprestore [ROUNDS]}
@@ -25,22 +28,26 @@ import random; r = random.Random($i)
 for c in r.sample(range(4096 * 16), 256 * 16): print(f'write -P {0x20 + $i} {c * 65536} 65536')" > "$W/c$i"
   qemu-io -f qcow2 "$f" < "$W/c$i" >/dev/null
 done
+if [ "${MANIFESTS:-0}" = 1 ]; then
+  cargo run --release -q --example write-manifest -- "$D"/*.qcow2
+fi
+OLD_ARGS=${OLD_ARGS:-}
 # Touch the memory the runs will use once, so no run pays for its first use.
 dd if=/dev/zero of="$W/warm" bs=4M count=800 status=none; rm -f "$W/warm"
-merge() { # label binary
-  /usr/bin/time -f "$1 %e %U %S" -a -o "$W/res" "$2" -q merge --dir "$D" --targetfile "$W/out.qcow2" >/dev/null
+merge() { # label binary [args]
+  /usr/bin/time -f "$1 %e %U %S" -a -o "$W/res" "$2" -q merge --dir "$D" --targetfile "$W/out.qcow2" ${3:-} >/dev/null
   rm -f "$W/out.qcow2" "$W/out.qcow2.manifest"
 }
-commit() { # label binary
-  rm -rf "$W/cm"; mkdir "$W/cm"; cp "$D"/*.qcow2 "$W/cm/"
-  /usr/bin/time -f "$1 %e %U %S" -a -o "$W/res" "$2" -q commit --dir "$W/cm" >/dev/null
+commit() { # label binary [args]
+  rm -rf "$W/cm"; mkdir "$W/cm"; cp "$D"/*.qcow2* "$W/cm/"
+  /usr/bin/time -f "$1 %e %U %S" -a -o "$W/res" "$2" -q commit --dir "$W/cm" ${3:-} >/dev/null
   rm -rf "$W/cm"
 }
 for r in $(seq "$ROUNDS"); do
   if [ $((r % 2)) = 1 ]; then
-    merge new-merge "$NEW"; merge old-merge "$BASE"; commit new-commit "$NEW"; commit old-commit "$BASE"
+    merge new-merge "$NEW"; merge old-merge "$BASE" "$OLD_ARGS"; commit new-commit "$NEW"; commit old-commit "$BASE" "$OLD_ARGS"
   else
-    merge old-merge "$BASE"; merge new-merge "$NEW"; commit old-commit "$BASE"; commit new-commit "$NEW"
+    merge old-merge "$BASE" "$OLD_ARGS"; merge new-merge "$NEW"; commit old-commit "$BASE" "$OLD_ARGS"; commit new-commit "$NEW"
   fi
 done
 python3 - "$W/res" <<'PY'
