@@ -319,6 +319,13 @@ fn warn_unchecked() {
     );
 }
 
+/// Says that `file` is read without checks: it has no manifest.
+fn warn_no_manifest(file: &str) {
+    report::warn(format!(
+        "{file}: no checksum manifest (a backup made before manifests existed?): its data is not checked"
+    ));
+}
+
 /// Before a commit changes the FULL: every INC to be committed is re-read whole and checked
 /// against its manifest (a pre-pass, small next to the FULL), so rot in an INC never
 /// reaches the FULL; then the FULL's blocks the INCs change in part, so rot there is not
@@ -332,10 +339,7 @@ fn check_before_commit(full: &BackupFile, incs: &[&BackupFile], checks: bool) ->
     for inc in incs {
         match verify_manifest(&inc.path) {
             Ok(Some(_)) => {}
-            Ok(None) => report::warn(format!(
-                "{}: no checksum manifest (a backup made before manifests existed?): its data is not checked",
-                inc.name
-            )),
+            Ok(None) => warn_no_manifest(&inc.name),
             Err(e) => {
                 return Err(e.context(format!(
                     "{} failed its checksum check; the full backup was not changed. `qmprestore verify` lists every damaged file; --until stops before this point, and --ignore-checksums commits the data as it is",
@@ -356,17 +360,19 @@ fn check_before_commit(full: &BackupFile, incs: &[&BackupFile], checks: bool) ->
     })
 }
 
-/// Commits one INC into the FULL, keeping the FULL's manifest true block by block (see
-/// [`FullEdit`]); a FULL grown by the commit reads zeros past its old size, as the linked
-/// chain does.
+/// Commits one INC into the FULL, keeping the FULL's manifest (`edit`, when it has one)
+/// true block by block; a FULL grown by the commit reads zeros past its old size, as the
+/// linked chain does.
 fn commit_inc(
-    full_file: &BackupFile,
     full: &mut Qcow2,
+    mut edit: Option<&mut FullEdit>,
     inc: &BackupFile,
     rate_limit: u64,
 ) -> Result<()> {
     let inc_chain = open_alone(inc)?;
-    let edit = FullEdit::begin(&full_file.path, &inc_chain)?;
+    if let Some(edit) = edit.as_deref_mut() {
+        edit.begin(&inc_chain, full.virtual_size(), full.cluster_size())?;
+    }
     full.grow_zeroing_tail(inc_chain.virtual_size())?;
     commit_into(full, None, &inc_chain, 1, &mut Throttle::new(rate_limit))
         .with_context(|| format!("committing {} into the full backup", inc.name))?;
@@ -405,9 +411,10 @@ pub fn commit(c: &Common, rate_limit: u64) -> Result<()> {
     let incs: Vec<&BackupFile> = chain.incs.iter().collect();
     check_before_commit(&chain.full, &incs, !c.check.ignore_checksums)?;
     let mut full = open_full_for_writing(&chain.full, checked)?;
+    let mut edit = FullEdit::open(&chain.full.path)?;
     for inc in &chain.incs {
         report::info(format!("committing {} into {}", inc.name, chain.full.name));
-        commit_inc(&chain.full, &mut full, inc, rate_limit)
+        commit_inc(&mut full, edit.as_mut(), inc, rate_limit)
             .with_context(|| interrupted_hint(&chain.full, inc, "commit"))?;
         std::fs::remove_file(&inc.path)
             .with_context(|| format!("{}: cannot remove", inc.path.display()))?;
@@ -487,12 +494,13 @@ pub fn merge(c: &Common, target: &Path, share_blocks: bool, rate_limit: u64) -> 
         },
     )?;
     let uuid = manifest::read_manifest(&chain.full.path)?.and_then(|m| m.uuid);
-    let (_, target_name) = manifest::open_parent(target)?;
-    let m = manifest::Manifest {
-        header: manifest::new_header(&target_name, uuid.as_deref(), stack.virtual_size(), block),
-        runs: runs.finish(),
-    };
-    manifest::store(target, &m)?;
+    manifest::write_manifest_runs(
+        target,
+        uuid.as_deref(),
+        stack.virtual_size(),
+        block,
+        runs.finish(),
+    )?;
     Ok(())
 }
 
@@ -505,9 +513,7 @@ fn read_check(chain: &qcow2::Chain, checks: bool) -> Result<Option<Arc<ManifestC
     }
     let (check, unchecked) = ManifestCheck::for_chain(chain)?;
     for path in unchecked {
-        report::warn(format!(
-            "{path}: no checksum manifest (a backup made before manifests existed?): its data is not checked"
-        ));
+        warn_no_manifest(&path);
     }
     Ok(Some(Arc::new(check)))
 }
@@ -534,6 +540,7 @@ pub fn snapshotrebase(c: &Common, rate_limit: u64) -> Result<()> {
         .collect();
     check_before_commit(&chain.full, &todo, !c.check.ignore_checksums)?;
     let mut full = open_full_for_writing(&chain.full, checked)?;
+    let mut edit = FullEdit::open(&chain.full.path)?;
     if !existing.iter().any(|n| n == FULL_SNAPSHOT) {
         full.snapshot_create(FULL_SNAPSHOT)?;
         report::info(format!("{}: snapshot {FULL_SNAPSHOT}", chain.full.name));
@@ -545,7 +552,7 @@ pub fn snapshotrebase(c: &Common, rate_limit: u64) -> Result<()> {
             continue;
         }
         report::info(format!("committing {} (snapshot {name})", inc.name));
-        commit_inc(&chain.full, &mut full, inc, rate_limit).with_context(|| {
+        commit_inc(&mut full, edit.as_mut(), inc, rate_limit).with_context(|| {
             format!(
                 "{}; or roll back with `qcow2 snapshot -a {FULL_SNAPSHOT} {}`",
                 interrupted_hint(&chain.full, inc, "snapshotrebase"),

@@ -8,7 +8,9 @@
 //! file to an older one, that file's manifest must record nothing, or its metadata lost a
 //! cluster.
 
-use crate::store::manifest::runs::{hash_layer, hash_zeros, overlapping, zero_crc, CheckedRun};
+use crate::store::manifest::runs::{
+    hash_layer, hash_zeros, overlapping, zero_crc, CheckedRun, Disagreement,
+};
 use crate::store::manifest::{damaged, load_manifest, manifest_path};
 use anyhow::Result;
 use qcow2::chain::{ReadCheck, ResolvedRead};
@@ -77,13 +79,7 @@ impl ReadCheck for ManifestCheck {
         let above = if r.allocated { r.depth } else { r.depth + 1 };
         for l in self.layers.iter().take(above).flatten() {
             if let Some(run) = l.runs[overlapping(&l.runs, r.start, end)].first() {
-                return Err(qcow2::Error::invalid(
-                    &l.path,
-                    format!(
-                        "the manifest records data at guest offset {:#x} that the image no longer has (damaged metadata?). {RESCUE}",
-                        run.start.max(r.start)
-                    ),
-                ));
+                return Err(l.disagrees(Disagreement::Lost(run.start.max(r.start))));
             }
         }
         match self.layers.get(r.depth) {
@@ -114,7 +110,7 @@ impl LayerRuns {
         for i in overlapping(&self.runs, r.start, end) {
             let run = self.runs[i];
             if run.start > pos {
-                return Err(self.unrecorded(pos));
+                return Err(self.disagrees(Disagreement::Unrecorded(pos)));
             }
             pos = run.end();
             let inside = run.start >= r.start && run.end() <= end;
@@ -131,22 +127,14 @@ impl LayerRuns {
                 self.crc_completed(chain, r.depth, &run, a..b, part)?
             };
             if found != run.crc {
-                return Err(qcow2::Error::invalid(
-                    &self.path,
-                    format!(
-                        "checksum mismatch in guest range {:#x}..{:#x} (bit rot or damage): recorded {:08x}, found {found:08x}. {RESCUE}",
-                        run.start,
-                        run.end(),
-                        run.crc
-                    ),
-                ));
+                return Err(self.disagrees(Disagreement::Mismatch { run, found }));
             }
             if !inside {
                 self.set_verified(i);
             }
         }
         if pos < end {
-            return Err(self.unrecorded(pos));
+            return Err(self.disagrees(Disagreement::Unrecorded(pos)));
         }
         Ok(())
     }
@@ -177,12 +165,8 @@ impl LayerRuns {
         })
     }
 
-    fn unrecorded(&self, offset: u64) -> qcow2::Error {
-        qcow2::Error::invalid(
-            &self.path,
-            format!(
-                "data at guest offset {offset:#x} that the manifest does not record (damaged metadata?). {RESCUE}"
-            ),
-        )
+    /// The read fails: this file disagrees with its manifest.
+    fn disagrees(&self, d: Disagreement) -> qcow2::Error {
+        qcow2::Error::invalid(&self.path, format!("{d}. {RESCUE}"))
     }
 }

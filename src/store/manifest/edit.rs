@@ -26,13 +26,13 @@ pub fn pending_name(full_name: &str) -> String {
     format!(".{full_name}.commit-pending")
 }
 
-/// A commit into a FULL that has a manifest, between its check and its new manifest.
+/// The manifest of a FULL that commits change in place, loaded once for all of them.
 pub struct FullEdit {
     image: PathBuf,
     dir: Dir,
     name: String,
     manifest: Manifest,
-    /// Block-aligned guest ranges the commit may change (sorted, disjoint).
+    /// Block-aligned guest ranges the commit under way may change (sorted, disjoint).
     touched: Vec<Range<u64>>,
 }
 
@@ -88,6 +88,12 @@ fn merged(ranges: impl Iterator<Item = Range<u64>>) -> Vec<Range<u64>> {
     out
 }
 
+/// Ranges in any order as sorted, disjoint ones.
+fn union(mut ranges: Vec<Range<u64>>) -> Vec<Range<u64>> {
+    ranges.sort_by_key(|r| r.start);
+    merged(ranges.into_iter())
+}
+
 /// `a` without `b` (both sorted and disjoint).
 fn subtract(a: &[Range<u64>], b: &[Range<u64>]) -> Vec<Range<u64>> {
     let mut out = Vec::new();
@@ -113,34 +119,33 @@ fn subtract(a: &[Range<u64>], b: &[Range<u64>]) -> Vec<Range<u64>> {
 }
 
 impl FullEdit {
-    /// Before a commit of `inc` (opened alone) into the FULL `image`: loads the FULL's
-    /// manifest (None without one: nothing to keep) and writes the pending file. The
-    /// blocks were checked by [`check_full`] before the first change.
-    pub fn begin(image: &Path, inc: &Chain) -> Result<Option<FullEdit>> {
+    /// The manifest of the FULL `image`, for commits into it; None without one (nothing to
+    /// keep). The blocks commits change were checked by [`check_full`] before the first.
+    pub fn open(image: &Path) -> Result<Option<FullEdit>> {
         let Some(manifest) = load_manifest(image)? else {
             return Ok(None);
         };
-        let full = open_alone(image)?;
-        let touched = changed_blocks(
-            inc,
-            full.virtual_size(),
-            cluster_size(&full),
-            manifest.header.block_size,
-        )?
-        .touched;
         let (dir, name) = open_parent(image)?;
-        let edit = FullEdit {
+        Ok(Some(FullEdit {
             image: image.to_path_buf(),
             dir,
             name,
             manifest,
-            touched,
-        };
-        edit.write_pending()?;
-        Ok(Some(edit))
+            touched: Vec::new(),
+        }))
     }
 
-    fn write_pending(&self) -> Result<()> {
+    /// Before a commit of `inc` (opened alone) into the FULL, which is `full_size` bytes
+    /// with `full_cluster` clusters: the blocks it may change are written to the pending
+    /// file.
+    pub fn begin(&mut self, inc: &Chain, full_size: u64, full_cluster: u64) -> Result<()> {
+        self.touched = changed_blocks(
+            inc,
+            full_size,
+            full_cluster,
+            self.manifest.header.block_size,
+        )?
+        .touched;
         let pending = pending_name(&self.name);
         let ranges: Vec<(u64, u64)> = self.touched.iter().map(|r| (r.start, r.end)).collect();
         let bytes = serde_json::to_vec(&serde_json::json!({
@@ -155,8 +160,9 @@ impl FullEdit {
     /// After the commit, with the FULL flushed: the changed blocks get checksums of their
     /// content now, the rest keep theirs; the manifest is replaced and the pending file
     /// removed.
-    pub fn finish(self) -> Result<()> {
-        replace_ranges(&self.image, self.manifest, &self.touched)?;
+    pub fn finish(&mut self) -> Result<()> {
+        let touched = std::mem::take(&mut self.touched);
+        replace_ranges(&self.image, &mut self.manifest, &touched)?;
         let pending = pending_name(&self.name);
         self.dir
             .remove(&pending)
@@ -184,11 +190,9 @@ pub fn check_full(image: &Path, incs: &[Chain]) -> Result<()> {
     for inc in incs {
         let blocks = changed_blocks(inc, size, cluster_size(&full), manifest.header.block_size)?;
         partly.extend(subtract(&blocks.partly, &seen));
-        partly.sort_by_key(|r| r.start);
-        partly = merged(partly.into_iter());
+        partly = union(partly);
         seen.extend(blocks.touched);
-        seen.sort_by_key(|r| r.start);
-        seen = merged(seen.into_iter());
+        seen = union(seen);
     }
     RunVerifier::new(&full, image.display().to_string())
         .ranges(&manifest.runs, &clipped(&partly, size))
@@ -204,9 +208,9 @@ fn clipped(ranges: &[Range<u64>], size: u64) -> Vec<Range<u64>> {
         .collect()
 }
 
-/// Rewrites `m` (the manifest of `image`): runs within `ranges` (block-aligned, sorted,
-/// disjoint) computed from the image as it is now, the others kept.
-fn replace_ranges(image: &Path, mut m: Manifest, ranges: &[Range<u64>]) -> Result<()> {
+/// Rewrites `m` (the manifest of `image`), in memory and on disk: runs within `ranges`
+/// (block-aligned, sorted, disjoint) computed from the image as it is now, the others kept.
+fn replace_ranges(image: &Path, m: &mut Manifest, ranges: &[Range<u64>]) -> Result<()> {
     let chain = open_alone(image)?;
     let size = chain.virtual_size();
     let ranges = clipped(ranges, size);
@@ -227,7 +231,7 @@ fn replace_ranges(image: &Path, mut m: Manifest, ranges: &[Range<u64>]) -> Resul
     kept.sort_by_key(|r| r.start);
     m.runs = kept;
     m.header.virtual_size = size;
-    store(image, &m)
+    store(image, m)
 }
 
 /// Whether an interrupted commit left part of `image`'s manifest stale.
@@ -251,9 +255,9 @@ pub fn recover(image: &Path) -> Result<Option<u64>> {
         Ok(Some(bytes)) => parse_pending(&bytes),
         Err(_) => None,
     };
-    if let Some(m) = load_manifest(image)? {
+    if let Some(mut m) = load_manifest(image)? {
         let ranges = listed.unwrap_or_else(|| std::iter::once(0..u64::MAX).collect());
-        replace_ranges(image, m, &ranges)?;
+        replace_ranges(image, &mut m, &ranges)?;
         let bytes = clipped(&ranges, open_alone(image)?.virtual_size())
             .iter()
             .map(|r| r.end - r.start)

@@ -127,6 +127,23 @@ pub fn write_manifest_in(dir: &Dir, name: &str, uuid: Option<&str>) -> Result<Ma
     Ok(m)
 }
 
+/// Writes the version-2 manifest of `image` from runs already computed (with blocks of
+/// `block` bytes).
+pub fn write_manifest_runs(
+    image: &Path,
+    uuid: Option<&str>,
+    virtual_size: u64,
+    block: u64,
+    runs: Vec<CheckedRun>,
+) -> Result<()> {
+    let (dir, name) = open_parent(image)?;
+    let m = Manifest {
+        header: new_header(&name, uuid, virtual_size, block),
+        runs,
+    };
+    store_in(&dir, &m)
+}
+
 /// Writes a manifest already computed beside `image` (whose file name must be
 /// `m.header.file`).
 pub fn store(image: &Path, m: &Manifest) -> Result<()> {

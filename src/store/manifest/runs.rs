@@ -60,6 +60,38 @@ fn parse_crc(s: &str) -> Option<u32> {
     u32::from_str_radix(s, 16).ok()
 }
 
+/// How a file and its manifest disagree, as the user is told (after the file's name).
+pub enum Disagreement {
+    /// The file holds data at this guest offset that the manifest does not record.
+    Unrecorded(u64),
+    /// The manifest records data at this guest offset that the file does not hold.
+    Lost(u64),
+    /// A run's data does not match its checksum.
+    Mismatch { run: CheckedRun, found: u32 },
+}
+
+impl std::fmt::Display for Disagreement {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Disagreement::Unrecorded(off) => write!(
+                f,
+                "data at guest offset {off:#x} that the manifest does not record (damaged metadata?)"
+            ),
+            Disagreement::Lost(off) => write!(
+                f,
+                "the manifest records data at guest offset {off:#x} that the image no longer has (damaged metadata?)"
+            ),
+            Disagreement::Mismatch { run, found } => write!(
+                f,
+                "checksum mismatch in guest range {:#x}..{:#x} (bit rot or damage): recorded {:08x}, found {found:08x}",
+                run.start,
+                run.end(),
+                run.crc
+            ),
+        }
+    }
+}
+
 /// The block size of a new manifest for an image with `cluster_size` clusters.
 pub fn block_size_for(cluster_size: u64) -> u64 {
     BLOCK_SIZE.max(cluster_size)

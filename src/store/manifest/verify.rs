@@ -1,7 +1,7 @@
 //! Re-reading an image and comparing it with its manifest: the whole image (`verify`), or
 //! some blocks of it (before a commit changes them).
 
-use crate::store::manifest::runs::{hash_layer, overlapping, CheckedRun};
+use crate::store::manifest::runs::{hash_layer, overlapping, CheckedRun, Disagreement};
 use crate::store::manifest::{damaged, manifest_path, open_alone, read_streaming, ManifestHeader};
 use anyhow::{bail, Result};
 use qcow2::{Chain, Format};
@@ -44,10 +44,7 @@ impl<'a> RunVerifier<'a> {
     /// Nothing may be allocated in `[start, end)`: the manifest records nothing there.
     pub fn gap(&self, start: u64, end: u64) -> Result<()> {
         if let Some(off) = self.first(start, end, true)? {
-            bail!(
-                "{}: data at guest offset {off:#x} that the manifest does not record (damaged metadata?)",
-                self.name
-            );
+            bail!("{}: {}", self.name, Disagreement::Unrecorded(off));
         }
         Ok(())
     }
@@ -55,21 +52,16 @@ impl<'a> RunVerifier<'a> {
     /// The run must be allocated throughout and match its checksum.
     pub fn run(&mut self, r: &CheckedRun) -> Result<()> {
         if let Some(off) = self.first(r.start, r.end(), false)? {
-            bail!(
-                "{}: the manifest records data at guest offset {off:#x} that the image no longer has (damaged metadata?)",
-                self.name
-            );
+            bail!("{}: {}", self.name, Disagreement::Lost(off));
         }
         let mut h = crc32fast::Hasher::new();
         hash_layer(self.chain, 0, r.start, r.end(), &mut self.buf, &mut h)?;
         let found = h.finalize();
         if found != r.crc {
             bail!(
-                "{}: checksum mismatch in guest range {:#x}..{:#x} (bit rot or damage): recorded {:08x}, found {found:08x}",
+                "{}: {}",
                 self.name,
-                r.start,
-                r.end(),
-                r.crc
+                Disagreement::Mismatch { run: *r, found }
             );
         }
         Ok(())
