@@ -9,8 +9,11 @@ static QUIET: AtomicBool = AtomicBool::new(false);
 static LOGFILE: Mutex<Option<std::fs::File>> = Mutex::new(None);
 static SYSLOG: Mutex<Option<std::os::unix::net::UnixDatagram>> = Mutex::new(None);
 
-/// Also append every message to `path`.
+/// Also append every message to `path` (its directory is created if missing).
 pub fn set_logfile(path: &std::path::Path) -> std::io::Result<()> {
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)?;
+    }
     let f = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -59,6 +62,69 @@ pub fn debug_enabled() -> bool {
     DEBUG.load(Ordering::Relaxed)
 }
 
+/// A line for the log file and syslog only (not the terminal): the invocation, versions.
+pub fn log_only(msg: impl AsRef<str>) {
+    mirror("INFO", 6, msg.as_ref());
+}
+
+/// The command line as it goes into a log: the values of options that look like secrets
+/// (password, secret, token, passphrase, key) masked, as `--opt=VALUE` or `--opt VALUE`
+/// and as `password=VALUE` inside an argument (a URI's query, a QEMU option string).
+pub fn masked_command_line(args: &[String]) -> String {
+    const SECRET: [&str; 5] = ["password", "secret", "token", "passphrase", "key"];
+    let secret = |name: &str| {
+        let n = name.to_ascii_lowercase();
+        SECRET.iter().any(|s| n.contains(s))
+    };
+    let mut out = Vec::new();
+    let mut mask_next = false;
+    for a in args {
+        if mask_next {
+            out.push("***".to_string());
+            mask_next = false;
+            continue;
+        }
+        if let Some(opt) = a.strip_prefix("--") {
+            match opt.split_once('=') {
+                Some((name, _)) if secret(name) => {
+                    out.push(format!("--{name}=***"));
+                    continue;
+                }
+                None if secret(opt) => {
+                    out.push(a.clone());
+                    mask_next = true;
+                    continue;
+                }
+                _ => {}
+            }
+        }
+        // key=value pairs inside one argument, separated by , & ; or ?
+        let mut masked = String::new();
+        let mut rest = a.as_str();
+        while let Some(i) = rest.find('=') {
+            let (head, tail) = rest.split_at(i);
+            masked.push_str(head);
+            masked.push('=');
+            let name = head
+                .rsplit([',', '&', ';', '?', ' '])
+                .next()
+                .unwrap_or(head);
+            let end = tail[1..]
+                .find([',', '&', ';', ' '])
+                .map_or(tail.len(), |e| e + 1);
+            if secret(name) {
+                masked.push_str("***");
+            } else {
+                masked.push_str(&tail[1..end]);
+            }
+            rest = &tail[end..];
+        }
+        masked.push_str(rest);
+        out.push(masked);
+    }
+    out.join(" ")
+}
+
 pub fn info(msg: impl AsRef<str>) {
     if !QUIET.load(Ordering::Relaxed) {
         eprintln!("{}", msg.as_ref());
@@ -86,4 +152,37 @@ pub fn debug(msg: impl AsRef<str>) {
 /// Bytes in a human unit (KiB, MiB, GiB...).
 pub fn bytes(n: u64) -> String {
     crate::humanize::human_size(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::report::masked_command_line;
+
+    fn line(args: &[&str]) -> String {
+        masked_command_line(&args.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+    }
+
+    #[test]
+    fn secrets_are_masked_and_the_rest_kept() {
+        assert_eq!(
+            line(&[
+                "qmpbackup",
+                "--socket",
+                "/run/q.sock",
+                "backup",
+                "--level",
+                "full"
+            ]),
+            "qmpbackup --socket /run/q.sock backup --level full"
+        );
+        assert_eq!(
+            line(&["x", "--password", "hunter2", "--api-token=abc", "-t", "/b"]),
+            "x --password *** --api-token=*** -t /b"
+        );
+        assert_eq!(
+            line(&["x", "nbd://h/e?tls-creds=c&password=p1,user=u", "a=b"]),
+            "x nbd://h/e?tls-creds=c&password=***,user=u a=b"
+        );
+        assert_eq!(line(&["x", "key-secret=1,id=2"]), "x key-secret=***,id=2");
+    }
 }

@@ -300,7 +300,8 @@ fn an_endless_line_from_the_guest_agent_is_refused() {
             "backup",
             "-l",
             "full",
-            "--quiesce",
+            // Required: with plain --quiesce the run would warn and go on unquiesced.
+            "--quiesce-required",
             "-t",
             t.to_str().unwrap(),
         ],

@@ -1404,3 +1404,333 @@ fn vm_in_the_shutdown_state() {
     assert!(!tmp.path().join("bk").join("uuid").exists());
     let _ = server.join();
 }
+
+/// The JSON lines a `--json` run printed on stdout.
+fn json_events(stdout: &str) -> Vec<Value> {
+    stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l}: {e}")))
+        .collect()
+}
+
+/// Every file name below `dir`, recursively (to see that a refused run left nothing).
+fn tree(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        out.push(p.display().to_string());
+        if p.is_dir() && !p.is_symlink() {
+            out.extend(tree(&p));
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn an_agent_that_cannot_quiesce_gives_a_crash_consistent_backup_with_a_warning() {
+    let tmp = tempfile::tempdir().unwrap();
+    let vm = Vm::standard(tmp.path());
+    let t = tmp.path().join("bk");
+    let ts = t.display().to_string();
+    let log = tmp.path().join("logs/qmpbackup.log");
+    let logs = log.display().to_string();
+    let missing = tmp.path().join("no-agent.sock").display().to_string();
+    // 1. No agent socket at all: warned, marked, backed up.
+    let (c, out, err) = qmpbackup(
+        &vm,
+        &[
+            "-L",
+            &logs,
+            "--agent-socket",
+            &missing,
+            "backup",
+            "-l",
+            "full",
+            "-t",
+            &ts,
+            "-i",
+            "vblk1",
+            "--quiesce",
+            "--json",
+        ],
+    );
+    assert_eq!(c, 0, "{err}");
+    assert!(err.contains("NOT quiesced"), "{err}");
+    let events = json_events(&out);
+    assert!(
+        events
+            .iter()
+            .any(|e| e["event"] == "warning"
+                && e["message"].as_str().unwrap().contains("NOT quiesced")),
+        "{out}"
+    );
+    let summary = &events.last().unwrap()["summary"];
+    assert_eq!(summary["quiesced"], json!(false), "{out}");
+    assert!(summary["warnings"][0].as_str().unwrap().contains(&missing));
+    let text = std::fs::read_to_string(&log).unwrap();
+    let first = text.lines().next().unwrap();
+    assert!(
+        first.contains("INFO Arguments: ")
+            && first.contains(&format!("--agent-socket {missing} backup -l full")),
+        "{first}"
+    );
+    assert!(
+        text.lines().nth(1).unwrap().contains("qmpbackup "),
+        "{text}"
+    );
+    assert!(text.contains("QEMU "), "{text}");
+    assert!(text.contains("WARNING guest agent at"), "{text}");
+    assert_restores_to(&t.join("d1.qcow2"), None, &vm.models[0], "unquiesced");
+
+    // 2. An agent that accepts the connection and never answers: the same after its timeout.
+    let silent_path = tmp.path().join("silent.sock");
+    let silent = UnixListener::bind(&silent_path).unwrap();
+    let holder = std::thread::spawn(move || {
+        let (s, _) = silent.accept().unwrap();
+        let mut r = s;
+        let mut sink = Vec::new();
+        let _ = r.read_to_end(&mut sink);
+    });
+    wait_ts_tick();
+    let silent_s = silent_path.display().to_string();
+    let (c, out, err) = qmpbackup(
+        &vm,
+        &[
+            "--agent-socket",
+            &silent_s,
+            "backup",
+            "-l",
+            "inc",
+            "-t",
+            &ts,
+            "-i",
+            "vblk1",
+            "--quiesce",
+            "--json",
+        ],
+    );
+    assert_eq!(c, 0, "{err}");
+    assert!(
+        err.contains("did not answer") && err.contains("NOT quiesced"),
+        "{err}"
+    );
+    assert_eq!(
+        json_events(&out).last().unwrap()["summary"]["quiesced"],
+        json!(false)
+    );
+    holder.join().unwrap();
+
+    // 3. --quiesce-required: refused, nothing left behind.
+    let before = tree(&t);
+    let (c, _, err) = qmpbackup(
+        &vm,
+        &[
+            "--agent-socket",
+            &missing,
+            "backup",
+            "-l",
+            "inc",
+            "-t",
+            &ts,
+            "-i",
+            "vblk1",
+            "--quiesce-required",
+        ],
+    );
+    assert_ne!(c, 0);
+    assert!(err.contains("--quiesce-required"), "{err}");
+    assert_eq!(tree(&t), before);
+    no_leftovers(&vm);
+    assert_eq!(files(&t.join("d1.qcow2"), "INC-").len(), 1);
+}
+
+#[test]
+fn no_timestamp_backups_form_a_chain_that_restores() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut vm = Vm::standard(tmp.path());
+    for (tag, extra) in [("links", None), ("nolinks", Some("--no-symlink"))] {
+        let t = tmp.path().join(tag);
+        let ts = t.display().to_string();
+        let mut args = vec![
+            "backup",
+            "-l",
+            "full",
+            "-t",
+            &ts,
+            "-i",
+            "vblk1",
+            "--no-timestamp",
+        ];
+        args.extend(extra);
+        backup_ok(&vm, &args);
+        let m_full = vm.snapshot_models();
+        let d = t.join("d1.qcow2");
+        assert!(d.join("d1.qcow2").is_file());
+        let link = d.join("FULL-d1.qcow2");
+        match extra {
+            None => assert_eq!(std::fs::read_link(&link).unwrap(), Path::new("d1.qcow2")),
+            Some(_) => assert!(std::fs::symlink_metadata(&link).is_err()),
+        }
+        // inc and auto at once (same second allowed): INC-<time> names.
+        vm.write(0, MIB, 64 * 1024, 0x5a);
+        args[2] = "inc";
+        backup_ok(&vm, &args);
+        let m_inc = vm.snapshot_models();
+        vm.write(0, 5 * MIB, 4096, 0x5c);
+        args[2] = "auto";
+        let err = backup_ok(&vm, &args);
+        assert!(
+            !err.contains("full backup ("),
+            "auto continued the chain: {err}"
+        );
+        let incs = files(&d, "INC-");
+        assert_eq!(incs.len(), 2, "{incs:?}");
+        assert_restores_to(
+            &d,
+            Some("FULL-d1.qcow2"),
+            &m_full[0],
+            &format!("{tag}-full"),
+        );
+        assert_restores_to(&d, Some(&incs[0]), &m_inc[0], &format!("{tag}-inc"));
+        assert_restores_to(&d, None, &vm.models[0], &format!("{tag}-auto"));
+        for cmd in ["list", "verify"] {
+            let out = Command::new(env!("CARGO_BIN_EXE_qmprestore"))
+                .args([cmd, "--dir", d.to_str().unwrap()])
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                out.status.success(),
+                "{cmd}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            if cmd == "list" {
+                assert!(
+                    text.contains("d1.qcow2") && text.contains(&incs[1]),
+                    "{text}"
+                );
+            }
+        }
+        // A second full into the same directory would need the same name: refused.
+        args[2] = "full";
+        let (c, _, err) = qmpbackup(&vm, &args);
+        assert_ne!(c, 0);
+        assert!(err.contains("holds one full or copy"), "{err}");
+    }
+}
+
+/// Unix times of the backup files in `dir`, in name order of their kinds.
+fn point_times(dir: &Path) -> Vec<u64> {
+    let mut v: Vec<u64> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let n = e.file_name().to_string_lossy().into_owned();
+            if n.ends_with(".manifest") {
+                return None;
+            }
+            n.split('-').nth(1)?.parse().ok()
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn three_backups_in_one_second_are_three_points() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut vm = Vm::standard(tmp.path());
+    let t = tmp.path().join("bk");
+    let ts = t.display().to_string();
+    let mut models = Vec::new();
+    for (i, level) in ["full", "inc", "auto"].into_iter().enumerate() {
+        vm.write(0, (i as u64 + 1) * MIB, 4096, 0x70 + i as u8);
+        backup_ok(&vm, &["backup", "-l", level, "-t", &ts, "-i", "vblk1"]);
+        models.push(vm.models[0].clone());
+    }
+    let d = t.join("d1.qcow2");
+    let times = point_times(&d);
+    assert_eq!(times.len(), 3, "{:?}", files(&d, ""));
+    assert!(times.windows(2).all(|w| w[0] < w[1]), "{times:?}");
+    let names: Vec<String> = files(&d, "FULL-")
+        .into_iter()
+        .chain(files(&d, "INC-"))
+        .collect();
+    for (name, model) in names.iter().zip(&models) {
+        assert_restores_to(&d, Some(name), model, name);
+    }
+}
+
+/// swtpm serving a TPM 2.0 on a socket for QEMU; killed on drop.
+struct Swtpm(Child);
+
+impl Drop for Swtpm {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn an_emulated_tpm_is_warned_about() {
+    if Command::new("swtpm").arg("--version").output().is_err() {
+        eprintln!("skipped: swtpm is not installed (apt-get install swtpm)");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("tpm");
+    std::fs::create_dir(&state).unwrap();
+    let sock = tmp.path().join("swtpm.sock");
+    let _swtpm = Swtpm(
+        Command::new("swtpm")
+            .args(["socket", "--tpm2", "--tpmstate"])
+            .arg(format!("dir={}", state.display()))
+            .arg("--ctrl")
+            .arg(format!("type=unixio,path={}", sock.display()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !sock.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut vm = Vm::standard(tmp.path());
+    vm.quit();
+    vm.args.extend(
+        [
+            "-chardev",
+            &format!("socket,id=chrtpm,path={}", sock.display()),
+            "-tpmdev",
+            "emulator,id=tpm0,chardev=chrtpm",
+            "-device",
+            "tpm-tis,tpmdev=tpm0",
+        ]
+        .map(String::from),
+    );
+    vm.start();
+    let t = tmp.path().join("bk");
+    let (c, out, err) = qmpbackup(
+        &vm,
+        &[
+            "backup",
+            "-l",
+            "full",
+            "-t",
+            t.to_str().unwrap(),
+            "-i",
+            "vblk1",
+            "--json",
+        ],
+    );
+    assert_eq!(c, 0, "{err}");
+    assert!(err.contains("TPM tpm0: an emulated TPM"), "{err}");
+    let events = json_events(&out);
+    let summary = &events.last().unwrap()["summary"];
+    assert!(
+        summary["warnings"][0].as_str().unwrap().contains("tpm0"),
+        "{out}"
+    );
+}

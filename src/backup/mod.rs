@@ -8,8 +8,9 @@ pub mod run;
 
 use crate::backup::discover::Disk;
 use crate::backup::level::{chain_uuid, decide_level, DiskFacts, RequestedLevel};
-use crate::backup::run::{AbortFlag, AgentRef, Planned, RunOptions};
+use crate::backup::run::{AbortFlag, AgentRef, Notes, Planned, RunOptions};
 use crate::fsutil::{self, Dir};
+use crate::qmp::agent::Agent;
 use crate::qmp::client::Qmp;
 use crate::qmp::types::{StatusInfo, VersionInfo};
 use crate::report;
@@ -57,6 +58,14 @@ pub struct BackupOptions {
     /// guest) fails.
     #[arg(long, default_value_t = 45)]
     pub cbw_timeout: u64,
+    /// Freeze the guest's filesystems (guest agent, --agent-socket) around the point in time.
+    /// An agent that cannot be reached or cannot freeze gives a warning and a
+    /// crash-consistent backup (marked not quiesced in the summary).
+    #[arg(long, alias = "quisce")]
+    pub quiesce: bool,
+    /// Like --quiesce, but a guest that cannot be quiesced fails the backup.
+    #[arg(long)]
+    pub quiesce_required: bool,
     /// Compress the backup's clusters.
     #[arg(long)]
     pub compress: bool,
@@ -145,6 +154,10 @@ pub struct Summary {
     pub uuid: String,
     pub timestamp: u64,
     pub disks: Vec<DiskSummary>,
+    /// Whether the guest's filesystems were frozen for the point in time.
+    pub quiesced: bool,
+    /// What the run warned about (a guest not quiesced, state not backed up, …).
+    pub warnings: Vec<String>,
 }
 
 /// The disks a run covers, after --include/--exclude and the raw/read-only rules.
@@ -191,12 +204,69 @@ pub fn select_disks(all: Vec<Disk>, opts: &BackupOptions) -> Result<Vec<Disk>> {
     Ok(out)
 }
 
-/// Runs one backup. The caller owns the QMP connection, the agent and the abort flag.
+/// Connects to the guest agent for `--quiesce`: None (with a warning in `notes`) when it
+/// cannot be reached or cannot freeze, unless `--quiesce-required`.
+pub async fn connect_agent(
+    path: Option<&str>,
+    opts: &BackupOptions,
+    notes: &mut Notes,
+) -> Result<Option<tokio::sync::Mutex<Agent>>> {
+    if !opts.quiesce && !opts.quiesce_required {
+        return Ok(None);
+    }
+    let path =
+        path.context("--quiesce needs --agent-socket (the guest agent's socket, see --help)")?;
+    let attempt = async {
+        let mut ag = Agent::connect(path, std::time::Duration::from_secs(10)).await?;
+        let fs = ag.freeze_support().await?;
+        if !fs.supported || !fs.enabled {
+            bail!("it cannot freeze filesystems (guest-fsfreeze-freeze not supported or disabled)");
+        }
+        if ag.status().await? == "frozen" {
+            report::warn("guest filesystems were frozen already; thawing them first");
+            ag.thaw().await?;
+        }
+        Ok(ag)
+    };
+    match attempt.await {
+        Ok(ag) => Ok(Some(tokio::sync::Mutex::new(ag))),
+        Err(e) if opts.quiesce_required => Err(e.context(format!(
+            "--quiesce-required: the guest agent at {path} cannot quiesce the guest; nothing was backed up"
+        ))),
+        Err(e) => {
+            notes.warn(format!(
+                "guest agent at {path}: {e:#}; this backup is NOT quiesced (crash-consistent, as after a power cut); --quiesce-required makes this an error"
+            ));
+            Ok(None)
+        }
+    }
+}
+
+/// Emulated TPMs (swtpm): their state lives outside QEMU's disks, so a backup of the disks
+/// does not hold it; each gets a warning.
+async fn warn_about_tpms(qmp: &Qmp, notes: &mut Notes) {
+    let Ok(tpms) = qmp.execute("query-tpm", json!({})).await else {
+        return;
+    };
+    for t in tpms.as_array().into_iter().flatten() {
+        let kind = t.pointer("/options/type").and_then(|v| v.as_str());
+        if kind == Some("emulator") {
+            let id = t.get("id").and_then(|v| v.as_str()).unwrap_or("?");
+            notes.warn(format!(
+                "TPM {id}: an emulated TPM (swtpm); its state is not part of this backup (back up swtpm's state directory separately)"
+            ));
+        }
+    }
+}
+
+/// Runs one backup. The caller owns the QMP connection, the agent and the abort flag;
+/// warnings go to `notes` and into the summary.
 pub async fn backup(
     qmp: &Qmp,
     opts: &BackupOptions,
     agent: AgentRef<'_>,
     abort: &AbortFlag,
+    notes: &mut Notes,
 ) -> Result<Summary> {
     let speed = opts.speed_limit_bytes()?;
     let version: VersionInfo = qmp.query("query-version", json!({})).await?;
@@ -221,17 +291,39 @@ pub async fn backup(
         report::warn(msg);
     }
     let disks = select_disks(discover::discover(qmp).await?, opts)?;
-    let timestamp = std::time::SystemTime::now()
+    warn_about_tpms(qmp, notes).await;
+    let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default()
         .as_secs();
     if let Some(u) = &opts.uuid {
         check_uuid(u).context("--uuid")?;
     }
-    let target = Target::open(opts.target.clone(), timestamp)?;
+    let mut target = Target::open(opts.target.clone(), now)?;
     // Held until the run returns: no other run changes these directories meanwhile.
     let mut locks = vec![target.lock_root()?];
     let old_uuid = target.read_uuid()?;
+
+    // Each existing disk directory is locked before its leftovers are moved aside (a new
+    // one once it is created); then the run's time is set after every point already there.
+    let mut disk_locks = Vec::new();
+    let mut newest = None;
+    for d in &disks {
+        disk_locks.push(match target.open_disk_dir(&d.name, false) {
+            Ok(dir) => target.lock_disk_dir(&dir)?,
+            Err(_) => None,
+        });
+        for m in target.move_aside_partials(&d.name)? {
+            report::warn(format!(
+                "{}: an interrupted backup's file was moved aside to {}",
+                d.label(),
+                m.display()
+            ));
+        }
+        newest = newest.max(target.newest_point(&d.name));
+    }
+    let timestamp = run_time(now, newest);
+    target.timestamp = timestamp;
 
     // Levels and the chain's uuid.
     let uuid = chain_uuid(
@@ -245,20 +337,7 @@ pub async fn backup(
     let mut planned = Vec::new();
     // Per planned disk: its backup directory and the fleece image's, opened.
     let mut dirs: Vec<(Dir, Option<Dir>)> = Vec::new();
-    for (i, d) in disks.into_iter().enumerate() {
-        // An existing disk directory is locked before its leftovers are moved aside; a new
-        // one once it is created.
-        let mut disk_lock = match target.open_disk_dir(&d.name, false) {
-            Ok(dir) => target.lock_disk_dir(&dir)?,
-            Err(_) => None,
-        };
-        for m in target.move_aside_partials(&d.name)? {
-            report::warn(format!(
-                "{}: an interrupted backup's file was moved aside to {}",
-                d.label(),
-                m.display()
-            ));
-        }
+    for (i, (d, mut disk_lock)) in disks.into_iter().zip(disk_locks).enumerate() {
         let existing = d.bitmap(&bitmap).cloned();
         let label = d.label();
         let facts = DiskFacts {
@@ -294,8 +373,14 @@ pub async fn backup(
         p.final_path = dir.join(&name);
         p.partial_path = dir.join(&partial_name(&name));
         if dir.exists(&name)? {
+            if target.opts.no_timestamp && level != BackupLevel::Inc {
+                bail!(
+                    "{}: exists already; with --no-timestamp a directory holds one full or copy (not overwriting a backup): move it away, or use another --target or --monthly",
+                    p.final_path.display()
+                );
+            }
             bail!(
-                "{}: exists already (--no-timestamp?); not overwriting a backup",
+                "{}: exists already; not overwriting a backup",
                 p.final_path.display()
             );
         }
@@ -349,6 +434,7 @@ pub async fn backup(
                 json: opts.json,
                 stall_timeout: opts.stall_timeout(),
                 cancel_timeout: opts.cancel_timeout(),
+                quiesce_required: opts.quiesce_required,
             };
             for p in &planned {
                 report::info(format!(
@@ -358,7 +444,7 @@ pub async fn backup(
                     p.final_path.display()
                 ));
             }
-            run::run(qmp, &planned, &run_opts, abort, agent).await
+            run::run(qmp, &planned, &run_opts, abort, agent, notes).await
         }
     };
     let mut kept_files = Vec::new();
@@ -399,17 +485,31 @@ pub async fn backup(
         uuid: uuid.clone(),
         timestamp,
         disks: Vec::new(),
+        quiesced: false,
+        warnings: Vec::new(),
     };
     for ((p, r), (dir, _)) in planned.iter().zip(&results).zip(&dirs) {
         let name = file_name_of(&p.final_path);
         dir.rename_noreplace(&file_name_of(&p.partial_path), &name)
             .with_context(|| format!("{}: cannot rename into place", p.partial_path.display()))?;
-        manifest::write_manifest_in(dir, &name, Some(&uuid)).with_context(|| {
+        let origin = manifest::Origin {
+            level: p.level,
+            time: timestamp,
+        };
+        manifest::write_manifest_in(dir, &name, Some(&uuid), Some(origin)).with_context(|| {
             format!(
                 "{}: the new backup cannot be read back",
                 p.final_path.display()
             )
         })?;
+        if let Some(link) = target.level_link(p.level, &p.disk.name) {
+            if let Err(e) = dir.replace_symlink(&name, &link) {
+                report::warn(format!(
+                    "{}: no symlink made: {e}",
+                    dir.join(&link).display()
+                ));
+            }
+        }
         write_config(p, dir);
         summary.disks.push(DiskSummary {
             disk: p.disk.label(),
@@ -445,7 +545,27 @@ pub async fn backup(
         }
     }
     target.update_current_link()?;
+    summary.quiesced = notes.quiesced;
+    summary.warnings = notes.warnings.clone();
     Ok(summary)
+}
+
+/// The run's point in time: now, or one second after the newest point already in its
+/// directories when that is not older (two runs in one second, or a clock set back), so
+/// every point has its own time and the chain's order is the order of the runs.
+fn run_time(now: u64, newest: Option<u64>) -> u64 {
+    match newest {
+        Some(n) if n >= now => {
+            let t = n.saturating_add(1);
+            report::info(format!(
+                "a backup of {} exists already: this backup's time is {} ({t})",
+                crate::humanize::format_utc(n as i64),
+                crate::humanize::format_utc(t as i64)
+            ));
+            t
+        }
+        _ => now,
+    }
 }
 
 /// Removes the run's target files; returns those that could not be removed.
@@ -540,6 +660,9 @@ impl Summary {
                 report::bytes(d.bytes_per_second as u64),
                 d.file
             ));
+        }
+        for w in &self.warnings {
+            s.push_str(&format!("warning: {w}\n"));
         }
         s
     }

@@ -91,6 +91,35 @@ pub struct RunOptions {
     /// How long QEMU gets to cancel the jobs and let the run undo its changes, after a
     /// signal or a stall; then the run leaves, saying what it left.
     pub cancel_timeout: Duration,
+    /// A guest agent that cannot freeze fails the run (else it is a warning).
+    pub quiesce_required: bool,
+}
+
+/// What a run has to say beside its result: warnings (each logged, a `--json` event, and
+/// listed in the summary) and whether the guest was quiesced.
+#[derive(Debug, Default)]
+pub struct Notes {
+    json: bool,
+    pub warnings: Vec<String>,
+    pub quiesced: bool,
+}
+
+impl Notes {
+    pub fn new(json: bool) -> Notes {
+        Notes {
+            json,
+            ..Default::default()
+        }
+    }
+
+    /// Logs a warning, emits it as a `--json` event, and keeps it for the summary.
+    pub fn warn(&mut self, msg: String) {
+        report::warn(&msg);
+        if self.json {
+            println!("{}", json!({"event": "warning", "message": msg}));
+        }
+        self.warnings.push(msg);
+    }
 }
 
 impl RunOptions {
@@ -102,6 +131,8 @@ impl RunOptions {
 /// What we changed in QEMU, so teardown can undo exactly that.
 #[derive(Default)]
 struct Undo {
+    /// A freeze was asked of the guest agent: thaw right after the cut, on every path.
+    guest_frozen: bool,
     added_nodes: Vec<String>,
     switched: Vec<(String, String, String)>, // (qdev, original node, cbw node)
     frozen: Vec<String>,                     // disk nodes with a frozen bitmap
@@ -219,11 +250,11 @@ pub async fn run(
     opts: &RunOptions,
     abort: &AbortFlag,
     agent: AgentRef<'_>,
+    notes: &mut Notes,
 ) -> (Result<Vec<JobResult>>, Leftovers) {
     let mut undo = Undo::default();
-    let mut frozen_guest = false;
-    let started = run_setup(qmp, disks, opts, abort, &mut undo, &mut frozen_guest, agent).await;
-    if frozen_guest {
+    let started = run_setup(qmp, disks, opts, abort, &mut undo, agent, notes).await;
+    if undo.guest_frozen {
         if let Some(a) = agent {
             match a.lock().await.thaw().await {
                 Ok(n) => report::info(format!("guest filesystems thawed ({n})")),
@@ -256,8 +287,8 @@ async fn run_setup(
     opts: &RunOptions,
     abort: &AbortFlag,
     undo: &mut Undo,
-    frozen_guest: &mut bool,
     agent: AgentRef<'_>,
+    notes: &mut Notes,
 ) -> Result<()> {
     // 1. targets and fleece images
     for p in disks {
@@ -307,12 +338,18 @@ async fn run_setup(
     if let Some(a) = agent {
         let mut a = a.lock().await;
         // Set before the call: a freeze that timed out may still have happened.
-        *frozen_guest = true;
-        let n = a
-            .freeze()
-            .await
-            .map_err(|e| anyhow!("quiescing the guest: {e}"))?;
-        report::info(format!("guest filesystems frozen ({n})"));
+        undo.guest_frozen = true;
+        match a.freeze().await {
+            Ok(n) => {
+                report::info(format!("guest filesystems frozen ({n})"));
+                notes.quiesced = true;
+            }
+            Err(e) if opts.quiesce_required => bail!("quiescing the guest: {e}"),
+            // Thawed after the cut all the same: a freeze that failed late may have held.
+            Err(e) => notes.warn(format!(
+                "quiescing the guest failed ({e}): this backup is NOT quiesced (crash-consistent, as after a power cut); --quiesce-required makes this an error"
+            )),
+        }
     }
     if opts.pause {
         qmp.execute("stop", json!({})).await?;

@@ -2,9 +2,8 @@
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use qmpbackup::backup::run::{Abort, AbortFlag};
+use qmpbackup::backup::run::{Abort, AbortFlag, Notes};
 use qmpbackup::backup::{self, BackupOptions};
-use qmpbackup::qmp::agent::Agent;
 use qmpbackup::qmp::client::Qmp;
 use qmpbackup::report;
 use serde_json::json;
@@ -50,9 +49,6 @@ enum Show {
 struct BackupArgs {
     #[command(flatten)]
     opts: BackupOptions,
-    /// Freeze the guest's filesystems (guest agent) around the point in time.
-    #[arg(long, alias = "quisce")]
-    quiesce: bool,
 }
 
 #[derive(Subcommand)]
@@ -127,6 +123,11 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             report::warn(format!("syslog not available: {e}"));
         }
     }
+    // Each run's log starts with what was run and by which version (QEMU's follows once
+    // connected).
+    let args: Vec<String> = std::env::args().collect();
+    report::log_only(format!("Arguments: {}", report::masked_command_line(&args)));
+    report::log_only(format!("qmpbackup {}", env!("CARGO_PKG_VERSION")));
     match cli.command {
         Command::Backup(a) => {
             let opts = &a.opts;
@@ -136,26 +137,10 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             install_signals(abort.clone(), opts.cancel_timeout());
             let qmp = connect(&cli.socket).await?;
             qmp.follow_deadline(abort.deadline());
-            let agent = if a.quiesce {
-                let path = cli
-                    .agent_socket
-                    .as_deref()
-                    .context("--quiesce needs --agent-socket (the guest agent's socket)")?;
-                let mut ag = Agent::connect(path, Duration::from_secs(10)).await?;
-                let fs = ag.freeze_support().await?;
-                if !fs.supported || !fs.enabled {
-                    anyhow::bail!("the guest agent cannot freeze filesystems (guest-fsfreeze-freeze not supported or disabled)");
-                }
-                let st = ag.status().await?;
-                if st == "frozen" {
-                    report::warn("guest filesystems were frozen already; thawing them first");
-                    ag.thaw().await?;
-                }
-                Some(tokio::sync::Mutex::new(ag))
-            } else {
-                None
-            };
-            let result = backup::backup(&qmp, opts, agent.as_ref(), &abort).await;
+            let mut notes = Notes::new(opts.json);
+            let agent =
+                backup::connect_agent(cli.agent_socket.as_deref(), opts, &mut notes).await?;
+            let result = backup::backup(&qmp, opts, agent.as_ref(), &abort, &mut notes).await;
             match result {
                 Ok(s) => {
                     if opts.json {

@@ -6,7 +6,10 @@ use crate::report;
 use crate::store::chain::BackupChain;
 use crate::store::file::BackupFile;
 use crate::store::level::BackupLevel;
-use crate::store::name::{backup_of_partial, is_side_file, looks_like_backup, PARTIAL_SUFFIX};
+use crate::store::manifest;
+use crate::store::name::{
+    backup_of_partial, is_side_file, looks_like_backup, MANIFEST_SUFFIX, PARTIAL_SUFFIX,
+};
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -27,13 +30,15 @@ impl DiskDir {
     /// (`.partial`) backups are an error: they are not backups. Side files (manifests,
     /// configs, the lock file), our temporaries and moved-aside partials are never taken for
     /// backups; a FIFO, socket or device named like a backup is skipped with a warning,
-    /// never opened.
+    /// never opened. A `--no-timestamp` backup (see [`DiskDir::untimestamped`]) takes its
+    /// time from its manifest.
     pub fn scan(dir: &Path, filter: Option<&str>) -> Result<DiskDir> {
         use std::os::unix::ffi::OsStrExt;
         let entries = std::fs::read_dir(dir)
             .with_context(|| format!("{}: cannot read the backup directory", dir.display()))?;
         let mut files = Vec::new();
         let mut partial = Vec::new();
+        let mut untimed = Untimed::default();
         for e in entries {
             let e =
                 e.with_context(|| format!("{}: cannot read the backup directory", dir.display()))?;
@@ -48,6 +53,9 @@ impl DiskDir {
                 }
                 continue;
             };
+            if name.ends_with(MANIFEST_SUFFIX) {
+                untimed.manifests.insert(name.to_string());
+            }
             if let Some(f) = filter {
                 if !name.contains(f) {
                     continue;
@@ -62,11 +70,28 @@ impl DiskDir {
                 }
                 continue;
             }
+            let lstat = e.file_type();
             if !looks_like_backup(name.as_bytes()) {
+                if matches!(&lstat, Ok(t) if t.is_file()) {
+                    untimed.others.push(name.to_string());
+                }
                 continue;
             }
+            let timed = BackupFile::parse(&path);
+            if timed.is_none() {
+                if let Ok(t) = &lstat {
+                    if t.is_symlink() {
+                        // `FULL-disk1.qcow2` -> `disk1.qcow2`: names the level of the file.
+                        if let Some(target) = plain_link_target(&path) {
+                            let level = name.split('-').next().and_then(BackupLevel::from_prefix);
+                            untimed.links.extend(level.map(|l| (target, l)));
+                        }
+                        continue;
+                    }
+                }
+            }
             // The type without opening the file: lstat, and stat for a symlink.
-            let file_type = match e.file_type() {
+            let file_type = match lstat {
                 Ok(t) if t.is_symlink() => std::fs::metadata(&path).map(|m| m.file_type()),
                 other => other,
             };
@@ -86,13 +111,14 @@ impl DiskDir {
                     continue;
                 }
             }
-            if let Some(b) = BackupFile::parse(&path) {
-                files.push(b);
-            } else if name.starts_with("FULL-") || name.starts_with("INC-") {
-                bail!(
-                    "{}: backup file name has no timestamp (FULL-<unix time>-<name>), so the chain order is unknown",
+            match timed {
+                Some(b) => files.push(b),
+                None if name.starts_with("INC-") => bail!(
+                    "{}: incremental backup file name has no timestamp (INC-<unix time>-<name>), so its place in the chain is unknown",
                     path.display()
-                );
+                ),
+                // `FULL-disk1.qcow2`, as older versions wrote `--no-timestamp` backups.
+                None => untimed.prefixed.push(name.to_string()),
             }
         }
         if !partial.is_empty() {
@@ -103,6 +129,7 @@ impl DiskDir {
                 partial.join(", ")
             );
         }
+        files.extend(untimed.resolve(dir)?);
         Ok(DiskDir::from_files(dir.to_path_buf(), files))
     }
 
@@ -131,6 +158,17 @@ impl DiskDir {
             copies,
             orphans,
         }
+    }
+
+    /// The time of the newest backup here (chains, copies and orphans alike).
+    pub fn newest_time(&self) -> Option<u64> {
+        self.chains
+            .iter()
+            .flat_map(|c| c.files())
+            .chain(self.copies.iter())
+            .chain(self.orphans.iter())
+            .map(|f| f.timestamp)
+            .max()
     }
 
     /// Keeps only the backups `keep` accepts, and rebuilds the chains from them.
@@ -179,6 +217,90 @@ impl DiskDir {
         // Not found: let the newest chain explain which points exist.
         latest.until(u)
     }
+}
+
+/// The candidates for `--no-timestamp` backups found while scanning a directory.
+#[derive(Default)]
+struct Untimed {
+    /// Every manifest's name in the directory.
+    manifests: std::collections::HashSet<String>,
+    /// Regular files whose names do not look like backups: `disk1.qcow2` is one when its
+    /// manifest says what it is, or a `FULL-disk1.qcow2` symlink points at it.
+    others: Vec<String>,
+    /// `<LEVEL>-<name>` symlinks: (the file they point at, the level).
+    links: Vec<(String, BackupLevel)>,
+    /// Regular files named `FULL-<name>` or `COPY-<name>`, without a time.
+    prefixed: Vec<String>,
+}
+
+impl Untimed {
+    /// The `--no-timestamp` backups: each with its level (from its symlink, its name or its
+    /// manifest) and its time (from its manifest, else its modification time, with a
+    /// warning).
+    fn resolve(self, dir: &Path) -> Result<Vec<BackupFile>> {
+        let mut out = Vec::new();
+        let level_of_name = |n: &str| n.split('-').next().and_then(BackupLevel::from_prefix);
+        let mut candidates: Vec<(String, Option<BackupLevel>)> = Vec::new();
+        for n in self.prefixed {
+            let l = level_of_name(&n);
+            candidates.push((n, l));
+        }
+        for n in self.others {
+            let linked = self.links.iter().find(|(t, _)| *t == n).map(|(_, l)| *l);
+            if linked.is_some() || self.manifests.contains(&format!("{n}{MANIFEST_SUFFIX}")) {
+                candidates.push((n, linked));
+            }
+        }
+        for (name, level) in candidates {
+            let path = dir.join(&name);
+            let origin = if self.manifests.contains(&format!("{name}{MANIFEST_SUFFIX}")) {
+                match manifest::read_manifest(&path) {
+                    Ok(h) => h.and_then(|h| h.origin),
+                    Err(e) => {
+                        report::warn(format!("{e:#}"));
+                        None
+                    }
+                }
+            } else {
+                None
+            };
+            let (level, time) = match (level, origin) {
+                (Some(l), Some(o)) => (l, o.time),
+                (None, Some(o)) => (o.level, o.time),
+                (Some(l), None) => {
+                    let mtime = std::fs::metadata(&path)
+                        .and_then(|m| m.modified())
+                        .with_context(|| format!("{}: cannot read", path.display()))?;
+                    let t = mtime
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .unwrap_or_default()
+                        .as_secs();
+                    report::warn(format!(
+                        "{}: no time in its name or manifest; ordered by its modification time ({})",
+                        path.display(),
+                        crate::humanize::format_utc(t as i64)
+                    ));
+                    (l, t)
+                }
+                (None, None) => continue,
+            };
+            if level == BackupLevel::Inc {
+                bail!(
+                    "{}: an incremental backup without a timestamp in its name; its place in the chain is unknown",
+                    path.display()
+                );
+            }
+            out.extend(BackupFile::untimestamped(&path, level, time));
+        }
+        Ok(out)
+    }
+}
+
+/// Where a symlink points, when that is a plain name in the same directory.
+fn plain_link_target(link: &Path) -> Option<String> {
+    let t = std::fs::read_link(link).ok()?;
+    let t = t.to_str()?;
+    (!t.is_empty() && !t.contains('/') && t != "." && t != "..").then(|| t.to_string())
 }
 
 #[cfg(test)]
@@ -256,12 +378,69 @@ mod tests {
             e.contains("unfinished backup files (INC-200-d.partial)"),
             "{e}"
         );
-        let tmp = dir_with(&["FULL-d"]);
+        let tmp = dir_with(&["FULL-1-d", "INC-d"]);
         let e = DiskDir::scan(tmp.path(), None).unwrap_err().to_string();
         assert!(e.contains("has no timestamp"), "{e}");
-        // A COPY without a time starts no chain: skipped, as before.
-        let tmp = dir_with(&["FULL-1-d", "COPY-d"]);
-        assert!(DiskDir::scan(tmp.path(), None).unwrap().copies.is_empty());
+    }
+
+    /// Sets a file's modification time.
+    fn set_mtime(path: &Path, secs: u64) {
+        let f = std::fs::File::options().write(true).open(path).unwrap();
+        f.set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs))
+            .unwrap();
+    }
+
+    /// A manifest that says what the file `name` is (no runs: the scan reads only this).
+    fn manifest_saying(dir: &Path, name: &str, level: &str, time: u64) {
+        std::fs::write(
+            dir.join(format!("{name}.manifest")),
+            format!(
+                r#"{{"format":"qmpbackup-manifest","version":2,"file":"{name}","virtual-size":1048576,"block-size":1048576,"uuid":null,"level":"{level}","time":{time},"runs":[]}}"#
+            ),
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn untimestamped_backups_take_their_time_from_the_manifest_or_the_file() {
+        // With a symlink: the level from it, the time from the manifest.
+        let tmp = dir_with(&["d.qcow2", "INC-200-d.qcow2", "INC-300-d.qcow2"]);
+        std::os::unix::fs::symlink("d.qcow2", tmp.path().join("FULL-d.qcow2")).unwrap();
+        manifest_saying(tmp.path(), "d.qcow2", "FULL", 150);
+        let d = DiskDir::scan(tmp.path(), None).unwrap();
+        let c = d.latest().unwrap();
+        assert_eq!(
+            names(&c.files()),
+            ["d.qcow2", "INC-200-d.qcow2", "INC-300-d.qcow2"]
+        );
+        assert_eq!((c.full.timestamp, c.full.disk_part()), (150, "d.qcow2"));
+        assert_eq!(c.full.path, tmp.path().join("d.qcow2"));
+        for point in ["FULL-d.qcow2", "d.qcow2", "d", "FULL-150"] {
+            assert!(c.full.matches_point(point), "{point}");
+        }
+        assert_eq!(d.newest_time(), Some(300));
+        // Without the symlink (--no-symlink): the manifest alone says what it is.
+        std::fs::remove_file(tmp.path().join("FULL-d.qcow2")).unwrap();
+        let d = DiskDir::scan(tmp.path(), None).unwrap();
+        assert_eq!(d.latest().unwrap().full.name, "d.qcow2");
+        // Without either, a file is not a backup.
+        std::fs::remove_file(tmp.path().join("d.qcow2.manifest")).unwrap();
+        let d = DiskDir::scan(tmp.path(), None).unwrap();
+        assert!(d.chains.is_empty() && d.orphans.len() == 2);
+        // A symlink and no manifest: the file's modification time.
+        std::os::unix::fs::symlink("d.qcow2", tmp.path().join("COPY-d.qcow2")).unwrap();
+        set_mtime(&tmp.path().join("d.qcow2"), 250);
+        let d = DiskDir::scan(tmp.path(), None).unwrap();
+        assert_eq!(
+            (d.copies[0].name.as_str(), d.copies[0].timestamp),
+            ("d.qcow2", 250)
+        );
+        // `FULL-d` as a regular file (older versions' --no-timestamp).
+        let tmp = dir_with(&["FULL-d", "INC-200-d"]);
+        set_mtime(&tmp.path().join("FULL-d"), 100);
+        let d = DiskDir::scan(tmp.path(), None).unwrap();
+        assert_eq!(names(&d.latest().unwrap().files()), ["FULL-d", "INC-200-d"]);
+        assert_eq!(d.latest().unwrap().full.disk_part(), "d");
     }
 
     #[test]

@@ -11,6 +11,11 @@ pub struct BackupFile {
     pub name: String,
     pub level: BackupLevel,
     pub timestamp: u64,
+    /// Written with `--no-timestamp`: the time is not in the name but from its manifest (or
+    /// the file's modification time), and the name is the disk's own (`disk1.qcow2`) or,
+    /// as older versions wrote it, `FULL-disk1.qcow2`.
+    #[serde(skip)]
+    pub untimestamped: bool,
 }
 
 impl BackupFile {
@@ -23,11 +28,33 @@ impl BackupFile {
             name: name.to_string(),
             level: parsed.level,
             timestamp: parsed.timestamp,
+            untimestamped: false,
         })
     }
 
-    /// The disk's name part: what follows `<LEVEL>-<unix time>-`.
+    /// A `--no-timestamp` backup at `path` (its name the disk's own, or `<LEVEL>-<disk>`),
+    /// of a level and time known from elsewhere (its manifest or symlink, its file time).
+    pub fn untimestamped(path: &Path, level: BackupLevel, timestamp: u64) -> Option<BackupFile> {
+        Some(BackupFile {
+            path: path.to_path_buf(),
+            name: path.file_name()?.to_str()?.to_string(),
+            level,
+            timestamp,
+            untimestamped: true,
+        })
+    }
+
+    /// The disk's name part: what follows `<LEVEL>-<unix time>-` (for a `--no-timestamp`
+    /// backup, its name without a `<LEVEL>-` prefix).
     pub fn disk_part(&self) -> &str {
+        if self.untimestamped {
+            let prefix = self.level.prefix();
+            return self
+                .name
+                .strip_prefix(prefix)
+                .and_then(|r| r.strip_prefix('-'))
+                .unwrap_or(&self.name);
+        }
         parse_backup_name(&self.name).map_or("", |p| p.disk_part)
     }
 
@@ -37,7 +64,8 @@ impl BackupFile {
     }
 
     /// Whether `--until` names this file: the file name, the name without extension, or
-    /// the `<LEVEL>-<ts>` prefix.
+    /// the `<LEVEL>-<ts>` prefix (for a `--no-timestamp` backup also `<LEVEL>-<name>`, its
+    /// symlink's name).
     pub fn matches_point(&self, point: &str) -> bool {
         let point = point.trim_end_matches('/');
         let point = Path::new(point)
@@ -47,6 +75,7 @@ impl BackupFile {
         self.name == point
             || self.stem() == point
             || format!("{}-{}", self.level.prefix(), self.timestamp) == point
+            || (self.untimestamped && format!("{}-{}", self.level.prefix(), self.name) == point)
     }
 
     /// The timestamp as `YYYY-MM-DD-HH:MM:SS` (UTC), the snapshot name snapshotrebase uses.

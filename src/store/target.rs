@@ -29,10 +29,14 @@ pub struct TargetOptions {
     /// Put every disk's files directly in the target directory.
     #[arg(long)]
     pub no_subdir: bool,
-    /// Name files <LEVEL>-<disk> without the time (qmprestore needs the time to order chains).
+    /// Name a full or copy backup as the disk's own file (<disk>/disk1.qcow2, with a symlink
+    /// FULL-disk1.qcow2 or COPY-disk1.qcow2 beside it); incrementals keep their
+    /// INC-<time>-<disk> names. The full's time is kept in its manifest. A directory holds one
+    /// such full: a new chain needs a new --target (or --monthly).
     #[arg(long)]
     pub no_timestamp: bool,
-    /// With --monthly, do not point <target>/current at the month's directory.
+    /// Make no symlinks: neither FULL-<disk> with --no-timestamp nor <target>/current with
+    /// --monthly.
     #[arg(long)]
     pub no_symlink: bool,
 }
@@ -50,6 +54,10 @@ pub struct Target {
     target: Dir,
     /// The chain root: `<target>` or `<target>/YYYY-MM`, opened.
     root: Dir,
+    /// The month folder of the chain root, with --monthly.
+    month: Option<String>,
+    /// The run's point in time: the time in its file names. Set by the caller when it must
+    /// follow a newer point already in the directory.
     pub timestamp: u64,
 }
 
@@ -62,18 +70,18 @@ impl Target {
                 opts.target.display()
             )
         })?;
-        let root = if opts.monthly {
-            let month = month_of(timestamp);
-            target
-                .child_dir(&month, true)
-                .with_context(|| format!("{}: cannot open", target.join(&month).display()))?
-        } else {
-            Dir::open(target.path())?
+        let month = opts.monthly.then(|| month_of(timestamp));
+        let root = match &month {
+            Some(month) => target
+                .child_dir(month, true)
+                .with_context(|| format!("{}: cannot open", target.join(month).display()))?,
+            None => Dir::open(target.path())?,
         };
         Ok(Target {
             opts,
             target,
             root,
+            month,
             timestamp,
         })
     }
@@ -131,10 +139,26 @@ impl Target {
         DirLock::acquire(dir).map(Some)
     }
 
-    /// The name of this run's backup of a disk.
+    /// The name of this run's backup of a disk: `<LEVEL>-<time>-<disk>`, or with
+    /// --no-timestamp the disk's own name for a full or copy.
     pub fn file_name(&self, level: BackupLevel, disk_name: &str) -> String {
-        let ts = (!self.opts.no_timestamp).then_some(self.timestamp);
-        backup_file_name(level, ts, disk_name)
+        if self.opts.no_timestamp && level != BackupLevel::Inc {
+            return disk_name.to_string();
+        }
+        backup_file_name(level, Some(self.timestamp), disk_name)
+    }
+
+    /// The symlink `<LEVEL>-<disk>` → `<disk>` a --no-timestamp full or copy gets (unless
+    /// --no-symlink): what names its level for people and older tools.
+    pub fn level_link(&self, level: BackupLevel, disk_name: &str) -> Option<String> {
+        (self.opts.no_timestamp && !self.opts.no_symlink && level != BackupLevel::Inc)
+            .then(|| backup_file_name(level, None, disk_name))
+    }
+
+    /// The newest point in a disk's directory, if any (a directory that cannot be read
+    /// has none: the run reports it where it reads it).
+    pub fn newest_point(&self, disk_name: &str) -> Option<u64> {
+        self.scan_disk(disk_name).ok().flatten()?.newest_time()
     }
 
     pub fn uuid_file(&self) -> PathBuf {
@@ -186,10 +210,12 @@ impl Target {
             let Ok(partial) = e.file_name().into_string() else {
                 continue;
             };
-            let Some(backup) = name::backup_of_partial(&partial) else {
-                continue;
+            let ours = match name::backup_of_partial(&partial) {
+                Some(backup) => !self.opts.no_subdir || name::is_backup_of(backup, disk_name),
+                // A --no-timestamp full or copy: `<disk>.partial`.
+                None => partial == name::partial_name(disk_name),
             };
-            if !self.opts.no_subdir || name::is_backup_of(backup, disk_name) {
+            if ours {
                 let to = name::moved_aside_name(&partial, self.timestamp);
                 dir.rename(&partial, &to).with_context(|| {
                     format!("{}: cannot move aside", dir.join(&partial).display())
@@ -202,11 +228,11 @@ impl Target {
 
     /// After a successful monthly backup: `<target>/current` → `YYYY-MM`.
     pub fn update_current_link(&self) -> Result<()> {
-        if !self.opts.monthly || self.opts.no_symlink {
+        let Some(month) = self.month.as_deref().filter(|_| !self.opts.no_symlink) else {
             return Ok(());
-        }
+        };
         self.target
-            .replace_symlink(&month_of(self.timestamp), CURRENT_LINK)
+            .replace_symlink(month, CURRENT_LINK)
             .with_context(|| {
                 format!(
                     "{}: cannot point it at this month",
@@ -296,7 +322,22 @@ mod tests {
             format!("INC-{TS}-vda")
         );
         let t = open(tmp.path(), |o| o.no_timestamp = true);
-        assert_eq!(t.file_name(BackupLevel::Copy, "vda"), "COPY-vda");
+        assert_eq!(t.file_name(BackupLevel::Copy, "vda"), "vda");
+        assert_eq!(t.file_name(BackupLevel::Full, "vda"), "vda");
+        assert_eq!(
+            t.file_name(BackupLevel::Inc, "vda"),
+            format!("INC-{TS}-vda")
+        );
+        assert_eq!(
+            t.level_link(BackupLevel::Full, "vda").as_deref(),
+            Some("FULL-vda")
+        );
+        assert_eq!(t.level_link(BackupLevel::Inc, "vda"), None);
+        let t = open(tmp.path(), |o| {
+            o.no_timestamp = true;
+            o.no_symlink = true
+        });
+        assert_eq!(t.level_link(BackupLevel::Full, "vda"), None);
     }
 
     #[test]

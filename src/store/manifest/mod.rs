@@ -28,6 +28,7 @@ mod stream;
 pub mod verify;
 
 use crate::fsutil::{self, Dir};
+use crate::store::level::BackupLevel;
 use crate::store::name::MANIFEST_SUFFIX;
 use anyhow::{Context, Result};
 use qcow2::{Chain, OpenOptions};
@@ -50,6 +51,17 @@ pub struct ManifestHeader {
     /// Runs are cut at multiples of it (version 1: its `run-size`).
     pub block_size: u64,
     pub uuid: Option<String>,
+    /// The level and Unix time of the backup, as `qmpbackup` wrote it: how a `--no-timestamp`
+    /// file, whose name says neither, takes its place in a chain. Absent in manifests
+    /// written by older versions and in those of restored images.
+    pub origin: Option<Origin>,
+}
+
+/// What a backup file is: its level and the time of its point.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Origin {
+    pub level: BackupLevel,
+    pub time: u64,
 }
 
 /// A whole manifest.
@@ -107,22 +119,27 @@ pub fn new_header(name: &str, uuid: Option<&str>, virtual_size: u64, block: u64)
         virtual_size,
         block_size: block,
         uuid: uuid.map(str::to_string),
+        origin: None,
     }
 }
 
 /// Computes and writes `<image>.manifest` (atomically).
 pub fn write_manifest(image: &Path, uuid: Option<&str>) -> Result<Manifest> {
     let (dir, name) = open_parent(image)?;
-    write_manifest_in(&dir, &name, uuid)
+    write_manifest_in(&dir, &name, uuid, None)
 }
 
 /// Computes and writes the manifest of the image `name` in the opened directory `dir`.
-pub fn write_manifest_in(dir: &Dir, name: &str, uuid: Option<&str>) -> Result<Manifest> {
+pub fn write_manifest_in(
+    dir: &Dir,
+    name: &str,
+    uuid: Option<&str>,
+    origin: Option<Origin>,
+) -> Result<Manifest> {
     let (size, block, runs) = compute_runs(&dir.join(name))?;
-    let m = Manifest {
-        header: new_header(name, uuid, size, block),
-        runs,
-    };
+    let mut header = new_header(name, uuid, size, block);
+    header.origin = origin;
+    let m = Manifest { header, runs };
     store_in(dir, &m)?;
     Ok(m)
 }
@@ -177,8 +194,16 @@ fn store_in(dir: &Dir, m: &Manifest) -> Result<()> {
     } else {
         "block-size"
     };
+    let origin = match h.origin {
+        Some(o) => format!(
+            "\n  \"level\": \"{}\",\n  \"time\": {},",
+            o.level.prefix(),
+            o.time
+        ),
+        None => String::new(),
+    };
     let head = format!(
-        "{{\n  \"format\": {},\n  \"version\": {},\n  \"file\": {},\n  \"virtual-size\": {},\n  \"{size_key}\": {},\n  \"uuid\": {},\n  \"runs\": [",
+        "{{\n  \"format\": {},\n  \"version\": {},\n  \"file\": {},\n  \"virtual-size\": {},\n  \"{size_key}\": {},\n  \"uuid\": {},{origin}\n  \"runs\": [",
         serde_json::to_string(&h.format)?,
         h.version,
         serde_json::to_string(&h.file)?,

@@ -1,8 +1,9 @@
 //! Streaming deserialisation of a manifest: the header's fields are kept, the runs checked
 //! and handed one by one to a callback, so memory does not grow with the manifest.
 
+use crate::store::level::BackupLevel;
 use crate::store::manifest::runs::{misplaced, CheckedRun, BLOCK_SIZES};
-use crate::store::manifest::{ManifestHeader, FORMAT};
+use crate::store::manifest::{ManifestHeader, Origin, FORMAT};
 use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use std::fmt;
 
@@ -48,6 +49,7 @@ impl<'de> Visitor<'de> for HeaderSeed<'_> {
         let mut h = ManifestHeader::default();
         let mut seen_size = false;
         let mut seen_runs = false;
+        let (mut level, mut time) = (None, None);
         while let Some(key) = map.next_key::<String>()? {
             match key.as_str() {
                 "format" => h.format = map.next_value()?,
@@ -59,6 +61,8 @@ impl<'de> Visitor<'de> for HeaderSeed<'_> {
                 }
                 "run-size" | "block-size" => h.block_size = map.next_value()?,
                 "uuid" => h.uuid = map.next_value()?,
+                "level" => level = Some(map.next_value::<String>()?),
+                "time" => time = Some(map.next_value::<u64>()?),
                 "runs" => {
                     if let Some(p) = header_problem(&h, seen_size) {
                         return Err(de::Error::custom(p));
@@ -81,6 +85,14 @@ impl<'de> Visitor<'de> for HeaderSeed<'_> {
         if !seen_runs {
             return Err(de::Error::missing_field("runs"));
         }
+        h.origin = match (level, time) {
+            (None, None) => None,
+            (Some(l), Some(time)) => match BackupLevel::from_prefix(&l) {
+                Some(level) => Some(Origin { level, time }),
+                None => return Err(de::Error::custom(format!("unknown level {l:?}"))),
+            },
+            _ => return Err(de::Error::custom("level and time go together")),
+        };
         Ok(h)
     }
 }
