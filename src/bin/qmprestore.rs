@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 use qmpbackup::report;
 use qmpbackup::restore::commands as restore;
 use qmpbackup::restore::options::{CheckOptions, Common, DirOptions, RateOption, UntilOption};
+use qmpbackup::serve::{serve, ServeOptions};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -103,6 +104,19 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Serve every point in time of the directory over NBD, read straight from the backup
+    /// files (nothing is merged first; every block served is checked against its file's
+    /// manifest, a mismatch answers that read with EIO). The default export (empty name) is
+    /// the newest point, or --until's; every point is also an export named by its backup
+    /// file name (nbdinfo --list shows them). Runs in the foreground and prints the URI to
+    /// connect to; SIGINT/SIGTERM stop it after answering the requests in flight.
+    ///
+    /// Examples:
+    ///   qmprestore serve --dir /backup/vm1/disk1 --socket /run/disk1.nbd
+    ///   qemu-img convert -O qcow2 'nbd+unix:///INC-1706260646-disk1.qcow2?socket=/run/disk1.nbd' copy.qcow2
+    ///   nbdfuse /mnt/nbd/disk 'nbd+unix:///?socket=/run/disk1.nbd' & mount -o loop,ro /mnt/nbd/disk /mnt/disk1
+    #[command(verbatim_doc_comment)]
+    Serve(ServeOptions),
     /// List the chains in the directory with their points in time and sizes.
     ///
     /// Example: qmprestore list --dir /backup/disk1 --json
@@ -178,6 +192,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 return Ok(ExitCode::from(1));
             }
         }
+        Command::Serve(opts) => serve(&opts, check)?,
         Command::List { dir, json } => {
             let l = restore::list(&common(dir, None, check))?;
             if json {
