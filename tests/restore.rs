@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use testkit::oracle::{qemu_img, qemu_io};
+use testkit::oracle::{apply, qemu_img, qemu_io, GuestWrite as W};
 
 const MIB: usize = 1 << 20;
 
@@ -49,29 +49,11 @@ fn clean(cwd: &Path, f: &str) {
     assert_eq!(c, 0, "check {f}: {o}{e}");
 }
 
-enum W {
-    Data(usize, usize, u8),
-    Zero(usize, usize),
-}
-
 struct BackupDir {
     _tmp: tempfile::TempDir,
     root: PathBuf,
     /// (file name, model file name) per point, oldest first.
     points: Vec<(String, String)>,
-}
-
-fn apply(model: &mut [u8], w: &W) -> String {
-    match *w {
-        W::Data(off, len, p) => {
-            model[off..off + len].fill(p);
-            format!("write -P {p} {off} {len}")
-        }
-        W::Zero(off, len) => {
-            model[off..off + len].fill(0);
-            format!("write -z {off} {len}")
-        }
-    }
 }
 
 /// FULL at t=1000, then INCs; INC 2 is compressed; INC 3 grows the disk to 10 MiB.

@@ -8,27 +8,9 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-use testkit::oracle::{qemu_img, qemu_io};
+use testkit::oracle::{apply, qemu_img, qemu_io, GuestWrite as W};
 
 const MIB: usize = 1 << 20;
-
-enum W {
-    Data(usize, usize, u8),
-    Zero(usize, usize),
-}
-
-fn apply(model: &mut [u8], w: &W) -> String {
-    match *w {
-        W::Data(off, len, p) => {
-            model[off..off + len].fill(p);
-            format!("write -P {p} {off} {len}")
-        }
-        W::Zero(off, len) => {
-            model[off..off + len].fill(0);
-            format!("write -z {off} {len}")
-        }
-    }
-}
 
 /// A backup directory: FULL, an INC with zeroing, a compressed INC, an INC that grows the
 /// disk from 8 to 10 MiB; models of every point; manifests for every file.
@@ -230,6 +212,25 @@ fn assert_export_is(s: &Server, export: &str, model: &[u8], scratch: &Path) {
     );
 }
 
+/// Copies of the backup files in `scratch`, each linked to the one before it as its backing
+/// file: what qemu-img and qemu-nbd read as each point (oldest first).
+fn linked_chain(b: &Backups, scratch: &Path) -> Vec<PathBuf> {
+    let mut linked: Vec<PathBuf> = Vec::new();
+    for (name, _) in &b.points {
+        let copy = scratch.join(format!("l-{name}"));
+        std::fs::copy(b.dir.join(name), &copy).unwrap();
+        if let Some(p) = linked.last() {
+            let (p, c) = (p.to_str().unwrap(), copy.to_str().unwrap());
+            tool_ok(
+                "qemu-img",
+                &["rebase", "-u", "-f", "qcow2", "-F", "qcow2", "-b", p, c],
+            );
+        }
+        linked.push(copy);
+    }
+    linked
+}
+
 #[test]
 fn every_point_is_an_export_equal_to_its_model() {
     for cluster in [512, 65536, 2 << 20] {
@@ -246,30 +247,7 @@ fn every_point_is_an_export_equal_to_its_model() {
         // The default export is the newest point.
         assert_export_is(&s, "", &b.points[3].1, scratch);
         // The linked chain read by qemu-img says the same (the models are right).
-        let linked = scratch.join("linked.qcow2");
-        let mut prev: Option<PathBuf> = None;
-        for (name, _) in &b.points {
-            let copy = scratch.join(format!("l-{name}"));
-            std::fs::copy(b.dir.join(name), &copy).unwrap();
-            if let Some(p) = &prev {
-                tool_ok(
-                    "qemu-img",
-                    &[
-                        "rebase",
-                        "-u",
-                        "-f",
-                        "qcow2",
-                        "-F",
-                        "qcow2",
-                        "-b",
-                        p.to_str().unwrap(),
-                        copy.to_str().unwrap(),
-                    ],
-                );
-            }
-            prev = Some(copy);
-        }
-        std::fs::rename(prev.unwrap(), &linked).unwrap();
+        let linked = linked_chain(&b, scratch).pop().unwrap();
         let raw = scratch.join("a.raw");
         tool_ok(
             "qemu-img",
@@ -384,27 +362,9 @@ fn block_status_agrees_with_qemu_nbd_and_zero_reads_zero() {
         let b = backups(cluster);
         let s = Server::start(&b.dir, &[]);
         let scratch = b.dir.parent().unwrap();
-        let mut prev: Option<PathBuf> = None;
-        for (i, (name, model)) in b.points.iter().enumerate() {
-            let copy = scratch.join(format!("l-{name}"));
-            std::fs::copy(b.dir.join(name), &copy).unwrap();
-            if let Some(p) = &prev {
-                tool_ok(
-                    "qemu-img",
-                    &[
-                        "rebase",
-                        "-u",
-                        "-f",
-                        "qcow2",
-                        "-F",
-                        "qcow2",
-                        "-b",
-                        p.to_str().unwrap(),
-                        copy.to_str().unwrap(),
-                    ],
-                );
-            }
-            let q = qemu_nbd(&copy, &scratch.join(format!("q{i}.sock")));
+        let linked = linked_chain(&b, scratch);
+        for (i, ((name, model), copy)) in b.points.iter().zip(&linked).enumerate() {
+            let q = qemu_nbd(copy, &scratch.join(format!("q{i}.sock")));
             let quri = format!("nbd+unix:///?socket={}", q.1.display());
             for (ctx, alloc) in [("", true), ("qemu:allocation-depth", false)] {
                 let ours = normalise(map(&s.uri(name), ctx), alloc);
@@ -421,7 +381,6 @@ fn block_status_agrees_with_qemu_nbd_and_zero_reads_zero() {
                 }
             }
             drop(q);
-            prev = Some(copy);
         }
     }
 }

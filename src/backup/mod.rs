@@ -14,6 +14,7 @@ use crate::qmp::agent::Agent;
 use crate::qmp::client::Qmp;
 use crate::qmp::types::{StatusInfo, VersionInfo};
 use crate::report;
+use crate::store::disk_dir::DiskDir;
 use crate::store::level::BackupLevel;
 use crate::store::manifest;
 use crate::store::name::{config_name, fleece_name, partial_name};
@@ -305,8 +306,10 @@ pub async fn backup(
     let old_uuid = target.read_uuid()?;
 
     // Each existing disk directory is locked before its leftovers are moved aside (a new
-    // one once it is created); then the run's time is set after every point already there.
+    // one once it is created) and read once; then the run's time is set after every point
+    // already there.
     let mut disk_locks = Vec::new();
+    let mut scans = Vec::new();
     let mut newest = None;
     for d in &disks {
         disk_locks.push(match target.open_disk_dir(&d.name, false) {
@@ -320,7 +323,10 @@ pub async fn backup(
                 m.display()
             ));
         }
-        newest = newest.max(target.newest_point(&d.name));
+        // Unreadable: no point to follow; the level decision reports the error.
+        let scan = target.scan_disk(&d.name);
+        newest = newest.max(scan.as_ref().ok().and_then(|s| s.as_ref()?.newest_time()));
+        scans.push(scan);
     }
     let timestamp = run_time(now, newest);
     target.timestamp = timestamp;
@@ -337,7 +343,8 @@ pub async fn backup(
     let mut planned = Vec::new();
     // Per planned disk: its backup directory and the fleece image's, opened.
     let mut dirs: Vec<(Dir, Option<Dir>)> = Vec::new();
-    for (i, (d, mut disk_lock)) in disks.into_iter().zip(disk_locks).enumerate() {
+    let per_disk = disks.into_iter().zip(disk_locks).zip(scans);
+    for (i, ((d, mut disk_lock), scan)) in per_disk.enumerate() {
         let existing = d.bitmap(&bitmap).cloned();
         let label = d.label();
         let facts = DiskFacts {
@@ -348,7 +355,11 @@ pub async fn backup(
             run_uuid: &uuid,
             disk_dir: &target.disk_dir(&d.name),
         };
-        let choice = decide_level(opts.level, &facts, || target.has_full(&d.name))?;
+        let has_full = || match &scan {
+            Ok(dir) => Ok(dir.as_ref().is_some_and(DiskDir::has_full)),
+            Err(e) => Err(anyhow!("{e:#}")),
+        };
+        let choice = decide_level(opts.level, &facts, has_full)?;
         if let Some(why) = &choice.why_full {
             report::info(format!("{label}: full backup ({why})"));
         }

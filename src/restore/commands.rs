@@ -2,7 +2,7 @@
 
 use crate::fsutil::Dir;
 use crate::report;
-use crate::restore::options::Common;
+use crate::restore::options::{CheckOptions, Common};
 use crate::store::chain::BackupChain;
 use crate::store::disk_dir::DiskDir;
 use crate::store::file::BackupFile;
@@ -88,10 +88,7 @@ fn tolerable_stale_flags(f: &BackupFile, r: &check::CheckReport) -> bool {
 /// structural check, virtual sizes must not shrink, and manifests (where present) must name
 /// the same bitmap uuid. Returns the FULL's check report (None with `skip_check`), so a
 /// command that changes the FULL need not check it again.
-pub fn preflight(
-    chain: &BackupChain,
-    opts: &crate::restore::options::CheckOptions,
-) -> Result<Option<check::CheckReport>> {
+pub fn preflight(chain: &BackupChain, opts: &CheckOptions) -> Result<Option<check::CheckReport>> {
     for f in chain.files() {
         refuse_in_use(f, opts.force_share)?;
     }
@@ -451,20 +448,8 @@ pub fn merge(c: &Common, target: &Path, share_blocks: bool, rate_limit: u64) -> 
         std::fs::create_dir_all(parent)
             .with_context(|| format!("{}: cannot create directory", parent.display()))?;
     }
-    let mut layers = Vec::new();
-    for f in chain.files().into_iter().rev() {
-        let q = Qcow2::open(&f.path).context("cannot open backup file")?;
-        layers.push(Layer::Qcow2(Box::new(q)));
-    }
-    let mut stack = qcow2::Chain::from_layers(layers)?;
-    if let Some(check) = read_check(&stack, !c.check.ignore_checksums)? {
-        stack.set_read_check(check);
-    }
-    let full_hdr = open_alone(&chain.full)?;
-    let cluster_size = full_hdr
-        .top()
-        .as_qcow2()
-        .map_or(65536, |q| q.cluster_size());
+    let stack = open_stack(&chain, &c.check)?;
+    let cluster_size = full_cluster_size(&stack);
     let opts = Qcow2ConvertOptions {
         create: qcow2::create::CreateOptions {
             cluster_size,
@@ -502,6 +487,30 @@ pub fn merge(c: &Common, target: &Path, share_blocks: bool, rate_limit: u64) -> 
         runs.finish(),
     )?;
     Ok(())
+}
+
+/// The chain's files as one disk, newest on top, every read checked against the files'
+/// manifests (unless `--ignore-checksums`): what merge and serve read.
+pub fn open_stack(chain: &BackupChain, checks: &CheckOptions) -> Result<qcow2::Chain> {
+    let mut layers = Vec::new();
+    for f in chain.files().into_iter().rev() {
+        let q = Qcow2::open(&f.path).context("cannot open backup file")?;
+        layers.push(Layer::Qcow2(Box::new(q)));
+    }
+    let mut stack = qcow2::Chain::from_layers(layers)?;
+    if let Some(check) = read_check(&stack, !checks.ignore_checksums)? {
+        stack.set_read_check(check);
+    }
+    Ok(stack)
+}
+
+/// The cluster size of a stack's FULL (its bottom layer).
+pub fn full_cluster_size(stack: &qcow2::Chain) -> u64 {
+    stack
+        .layers()
+        .last()
+        .and_then(|l| l.as_qcow2())
+        .map_or(65536, |q| q.cluster_size())
 }
 
 /// The read check of a restore that reads `chain`: every block read from a backup file is

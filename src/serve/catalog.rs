@@ -4,14 +4,13 @@
 //! client first asks for it, so a directory with hundreds of points starts at once.
 
 use crate::report;
-use crate::restore::commands::preflight;
+use crate::restore::commands::{full_cluster_size, open_stack, preflight};
 use crate::restore::options::CheckOptions;
 use crate::store::chain::BackupChain;
 use crate::store::disk_dir::DiskDir;
 use crate::store::file::BackupFile;
-use crate::store::manifest::check::ManifestCheck;
 use anyhow::{Context, Result};
-use qcow2::{Chain, Layer, Qcow2};
+use qcow2::Chain;
 use std::sync::{Arc, OnceLock};
 
 /// The largest request payload we take and advertise: 32 MiB.
@@ -144,30 +143,14 @@ impl Point {
 }
 
 /// Opens a point's chain: checked as the restore commands check it, and read through its
-/// manifests (unless `--ignore-checksums`).
+/// manifests (unless `--ignore-checksums`), as merge reads it.
 fn open_point(p: &Point, checks: &CheckOptions) -> Result<Export> {
     preflight(&p.chain, checks)?;
-    let mut layers = Vec::new();
-    let mut cluster = 65536u64;
-    for f in p.chain.files().into_iter().rev() {
-        let q = Qcow2::open(&f.path).context("cannot open backup file")?;
-        cluster = q.cluster_size();
-        layers.push(Layer::Qcow2(Box::new(q)));
-    }
-    let mut chain = Chain::from_layers(layers)?;
-    if !checks.ignore_checksums {
-        let (check, unchecked) = ManifestCheck::for_chain(&chain)?;
-        for path in unchecked {
-            report::warn(format!(
-                "{path}: no checksum manifest; its data is served unchecked"
-            ));
-        }
-        chain.set_read_check(Arc::new(check));
-    }
+    let chain = open_stack(&p.chain, checks)?;
     Ok(Export {
         name: p.file.name.clone(),
         size: chain.virtual_size(),
-        preferred: cluster.clamp(4096, 2 << 20) as u32,
+        preferred: full_cluster_size(&chain).clamp(4096, 2 << 20) as u32,
         chain,
     })
 }

@@ -18,27 +18,18 @@ pub struct Session {
     pub structured: bool,
     /// Selected metadata contexts, with the ids the client was given.
     pub contexts: Vec<(u32, Context)>,
-    pub flags: u16,
 }
 
 /// How the handshake ended.
 pub enum Outcome {
     Transmission(Session),
-    /// The client asked for TLS and got its ACK: the caller wraps the stream and calls
-    /// [`negotiate`] again with `tls_done`.
-    StartTls,
     /// The client left (ABORT, or a closed connection).
     Closed,
 }
 
-/// Transmission flags of our read-only exports.
-pub fn export_flags(writable: bool) -> u16 {
-    let base = TF_HAS_FLAGS | TF_SEND_FLUSH | TF_SEND_DF | TF_CAN_MULTI_CONN | TF_SEND_CACHE;
-    if writable {
-        base | TF_SEND_FUA | TF_SEND_TRIM | TF_SEND_WRITE_ZEROES
-    } else {
-        base | TF_READ_ONLY
-    }
+/// Transmission flags of our exports (read-only).
+pub fn export_flags() -> u16 {
+    TF_HAS_FLAGS | TF_READ_ONLY | TF_SEND_FLUSH | TF_SEND_DF | TF_CAN_MULTI_CONN | TF_SEND_CACHE
 }
 
 /// The id a context gets in `NBD_REP_META_CONTEXT` (fixed: the same on every connection).
@@ -52,12 +43,6 @@ fn context_id(c: Context) -> u32 {
 /// Options of one connection, after the greeting and the client's flags.
 pub struct Negotiation<'a> {
     pub catalog: &'a Catalog,
-    /// TLS is configured and not yet started: every option but STARTTLS is refused.
-    pub tls_required: bool,
-    /// TLS is configured (STARTTLS is understood).
-    pub tls_available: bool,
-    /// The backup file of the point served writable (the default one, with an overlay).
-    pub writable: Option<&'a std::path::Path>,
     pub no_zeroes: bool,
     structured: bool,
     contexts: Vec<Context>,
@@ -81,9 +66,6 @@ impl<'a> Negotiation<'a> {
     pub fn new(catalog: &'a Catalog, client_flags: u32) -> Negotiation<'a> {
         Negotiation {
             catalog,
-            tls_required: false,
-            tls_available: false,
-            writable: None,
             no_zeroes: client_flags & CLIENT_NO_ZEROES != 0,
             structured: false,
             contexts: Vec::new(),
@@ -91,7 +73,7 @@ impl<'a> Negotiation<'a> {
         }
     }
 
-    /// Reads options until the transmission phase, TLS or the end.
+    /// Reads options until the transmission phase or the end.
     pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         &mut self,
         s: &mut S,
@@ -130,34 +112,10 @@ impl<'a> Negotiation<'a> {
 
     /// Handles one option: its replies go to `out`.
     fn option(&mut self, option: u32, data: &[u8], out: &mut Vec<u8>) -> Step {
-        if self.tls_required {
-            return match option {
-                OPT_STARTTLS if data.is_empty() => {
-                    option_reply(out, option, REP_ACK, &[]);
-                    Step::Done(Outcome::StartTls)
-                }
-                OPT_STARTTLS => err(out, option, REP_ERR_INVALID, "STARTTLS takes no data"),
-                // Cannot answer with an error: the connection is closed.
-                OPT_EXPORT_NAME => Step::Close,
-                OPT_ABORT => {
-                    option_reply(out, option, REP_ACK, &[]);
-                    Step::Close
-                }
-                _ => err(
-                    out,
-                    option,
-                    REP_ERR_TLS_REQD,
-                    "TLS is required: send NBD_OPT_STARTTLS first",
-                ),
-            };
-        }
         match option {
             OPT_ABORT => {
                 option_reply(out, option, REP_ACK, &[]);
                 Step::Close
-            }
-            OPT_STARTTLS if self.tls_available => {
-                err(out, option, REP_ERR_INVALID, "TLS is already in use")
             }
             OPT_STARTTLS => err(
                 out,
@@ -212,9 +170,8 @@ impl<'a> Negotiation<'a> {
                 let Ok(export) = self.catalog.open(p) else {
                     return Step::Close;
                 };
-                let flags = export_flags(self.writable == Some(p.file.path.as_path()));
                 out.extend_from_slice(&export.size.to_be_bytes());
-                out.extend_from_slice(&flags.to_be_bytes());
+                out.extend_from_slice(&export_flags().to_be_bytes());
                 if !self.no_zeroes {
                     out.extend_from_slice(&[0u8; 124]);
                 }
@@ -223,7 +180,6 @@ impl<'a> Negotiation<'a> {
                     export,
                     structured: self.structured,
                     contexts,
-                    flags,
                 }))
             }
             _ => err(out, option, REP_ERR_UNSUP, "option not supported"),
@@ -329,8 +285,12 @@ impl<'a> Negotiation<'a> {
             Ok(e) => e,
             Err(msg) => return err(out, option, REP_ERR_POLICY, &msg),
         };
-        let flags = export_flags(self.writable == Some(point.file.path.as_path()));
-        option_reply(out, option, REP_INFO, &info_export(export.size, flags));
+        option_reply(
+            out,
+            option,
+            REP_INFO,
+            &info_export(export.size, export_flags()),
+        );
         option_reply(
             out,
             option,
@@ -362,7 +322,6 @@ impl<'a> Negotiation<'a> {
             export,
             structured: self.structured,
             contexts,
-            flags,
         }))
     }
 }

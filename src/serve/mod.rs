@@ -227,7 +227,7 @@ async fn connection(
         let mut n = Negotiation::new(catalog, flags);
         match n.run(&mut s).await? {
             Outcome::Transmission(session) => Ok(Some(session)),
-            Outcome::StartTls | Outcome::Closed => Ok(None),
+            Outcome::Closed => Ok(None),
         }
     })
     .await

@@ -375,10 +375,3 @@ async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, f: &Frame) -> std::io::Re
     }
     Ok(())
 }
-
-impl Session {
-    /// Whether the export takes writes.
-    pub fn writable(&self) -> bool {
-        self.flags & TF_READ_ONLY == 0
-    }
-}

@@ -160,6 +160,11 @@ impl DiskDir {
         }
     }
 
+    /// Whether a chain can continue here: there is a FULL.
+    pub fn has_full(&self) -> bool {
+        !self.chains.is_empty()
+    }
+
     /// The time of the newest backup here (chains, copies and orphans alike).
     pub fn newest_time(&self) -> Option<u64> {
         self.chains

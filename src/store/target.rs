@@ -155,12 +155,6 @@ impl Target {
             .then(|| backup_file_name(level, None, disk_name))
     }
 
-    /// The newest point in a disk's directory, if any (a directory that cannot be read
-    /// has none: the run reports it where it reads it).
-    pub fn newest_point(&self, disk_name: &str) -> Option<u64> {
-        self.scan_disk(disk_name).ok().flatten()?.newest_time()
-    }
-
     pub fn uuid_file(&self) -> PathBuf {
         self.root.join(name::UUID_FILE)
     }
@@ -191,9 +185,7 @@ impl Target {
     /// Whether a disk's directory holds a FULL this chain can continue from.
     pub fn has_full(&self, disk_name: &str) -> Result<bool> {
         // Leftover .partial files are moved aside by the caller first; any other error is real.
-        Ok(self
-            .scan_disk(disk_name)?
-            .is_some_and(|d| !d.chains.is_empty()))
+        Ok(self.scan_disk(disk_name)?.is_some_and(|d| d.has_full()))
     }
 
     /// Moves `.partial` files left by an interrupted run aside (`.partial` → `.failed-<ts>`),

@@ -59,6 +59,28 @@ pub fn qemu_img_status(cwd: &Path, args: &[&str]) -> (i32, String, String) {
     run_tool("qemu-img", args, Some(cwd))
 }
 
+/// A guest write a test applies to an image (through qemu-io) and to its model.
+pub enum GuestWrite {
+    /// (offset, length, byte pattern)
+    Data(usize, usize, u8),
+    /// (offset, length): reads as zeros afterwards
+    Zero(usize, usize),
+}
+
+/// Applies `w` to `model` and returns the qemu-io command that does the same to an image.
+pub fn apply(model: &mut [u8], w: &GuestWrite) -> String {
+    match *w {
+        GuestWrite::Data(off, len, p) => {
+            model[off..off + len].fill(p);
+            format!("write -P {p} {off} {len}")
+        }
+        GuestWrite::Zero(off, len) => {
+            model[off..off + len].fill(0);
+            format!("write -z {off} {len}")
+        }
+    }
+}
+
 /// Runs qemu-io with each command as a -c, asserting success.
 pub fn qemu_io(cwd: &Path, file: &str, cmds: &[impl AsRef<str> + std::fmt::Debug]) {
     let mut args: Vec<&str> = vec!["-f", "qcow2"];
