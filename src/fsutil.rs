@@ -144,6 +144,13 @@ impl Dir {
         Ok(File::from(self.openat(&component(name)?, flags, 0)?))
     }
 
+    /// Opens the existing file `name` for reading only, without following a symlink and
+    /// without blocking on a FIFO.
+    pub fn open_existing_readonly(&self, name: &str) -> io::Result<File> {
+        let flags = libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC;
+        Ok(File::from(self.openat(&component(name)?, flags, 0)?))
+    }
+
     /// A second handle on the same open directory.
     pub fn try_clone(&self) -> io::Result<Dir> {
         Ok(Dir {

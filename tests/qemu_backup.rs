@@ -1734,3 +1734,80 @@ fn an_emulated_tpm_is_warned_about() {
         "{out}"
     );
 }
+
+/// `qmprestore serve` on a disk directory; killed on drop.
+struct Serving(Child, PathBuf);
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Serving {
+    fn start(dir: &Path, socket: PathBuf) -> Serving {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_qmprestore"))
+            .arg("serve")
+            .arg("--dir")
+            .arg(dir)
+            .arg("--socket")
+            .arg(&socket)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut first = [0u8; 1];
+        use std::io::Read;
+        let started = child.stdout.as_mut().unwrap().read(&mut first).unwrap_or(0) == 1;
+        let s = Serving(child, socket);
+        assert!(started, "serve did not start");
+        s
+    }
+
+    /// The export `name` read whole with qemu-img (None when there is no such export).
+    fn read(&self, name: &str, scratch: &Path) -> Option<Vec<u8>> {
+        let out = scratch.join("served.raw");
+        let _ = std::fs::remove_file(&out);
+        let uri = format!("nbd+unix:///{name}?socket={}", self.1.display());
+        let st = Command::new("qemu-img")
+            .args(["convert", "-f", "raw", "-O", "raw", &uri])
+            .arg(&out)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        st.success().then(|| std::fs::read(&out).unwrap())
+    }
+}
+
+#[test]
+fn a_backup_appends_a_point_while_the_directory_is_served() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut vm = Vm::standard(tmp.path());
+    let t = tmp.path().join("bk");
+    let ts = t.display().to_string();
+    vm.write(0, MIB, 65536, 0x51);
+    backup_ok(&vm, &["backup", "-l", "full", "-t", &ts, "-i", "vblk1"]);
+    let full_model = vm.models[0].clone();
+    let d = t.join("d1.qcow2");
+    let server = Serving::start(&d, tmp.path().join("serve.sock"));
+    assert!(server.read("", tmp.path()) == Some(full_model.clone()));
+    vm.write(0, 3 * MIB, 65536, 0x52);
+    // The append lock coexists with the server's shared lock.
+    backup_ok(&vm, &["backup", "-l", "inc", "-t", &ts, "-i", "vblk1"]);
+    let inc = files(&d, "INC-").pop().expect("the INC");
+    // The running server still serves the point it started with, and every block of it.
+    assert!(server.read("", tmp.path()) == Some(full_model.clone()));
+    assert_eq!(
+        server.read(&inc, tmp.path()),
+        None,
+        "a point added after start-up"
+    );
+    // Restarted, it serves the new point as the default and by its name.
+    drop(server);
+    let server = Serving::start(&d, tmp.path().join("serve.sock"));
+    assert!(server.read("", tmp.path()).as_ref() == Some(&vm.models[0]));
+    assert!(server.read(&inc, tmp.path()).as_ref() == Some(&vm.models[0]));
+    let full = files(&d, "FULL-").pop().unwrap();
+    assert!(server.read(&full, tmp.path()) == Some(full_model));
+}

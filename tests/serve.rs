@@ -847,3 +847,70 @@ fn file_level_restore_through_nbdfuse_shows_each_points_files() {
         );
     }
 }
+
+fn qmprestore(args: &[&str]) -> (i32, String, String) {
+    tool(env!("CARGO_BIN_EXE_qmprestore"), args)
+}
+
+fn contents(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut v: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap())
+        .filter(|e| e.file_type().unwrap().is_file())
+        .map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            (name, std::fs::read(e.path()).unwrap())
+        })
+        .filter(|(n, _)| !n.starts_with('.'))
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn serving_shares_the_directory_with_readers_and_keeps_rewriters_out() {
+    let b = backups(65536);
+    let d = b.dir.to_str().unwrap();
+    let before = contents(&b.dir);
+    let s = Server::start(&b.dir, &[]);
+    let pid = s.child.id();
+    // Commands that rewrite files are refused, naming the server, and change nothing.
+    for cmd in ["commit", "snapshotrebase", "rebase"] {
+        let (code, _, err) = qmprestore(&[cmd, "--dir", d]);
+        assert_ne!(code, 0, "{cmd} ran during serve");
+        assert!(
+            err.contains(&format!("qmprestore serve (pid {pid})"))
+                && err.contains("run again when it is done"),
+            "{cmd}: {err}"
+        );
+    }
+    assert!(
+        contents(&b.dir) == before,
+        "a refused command changed files"
+    );
+    // Readers go on beside it.
+    let out = b._tmp.path().join("merged.qcow2");
+    let (code, _, err) = qmprestore(&["merge", "--dir", d, "--targetfile", out.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = qmprestore(&["verify", "--dir", d]);
+    assert_eq!(code, 0, "{err}");
+    // A second server too.
+    let other = tempfile::tempdir().unwrap();
+    let sock2 = other.path().join("second.sock");
+    let mut second = Command::new(env!("CARGO_BIN_EXE_qmprestore"))
+        .args(["serve", "--dir", d, "--socket", sock2.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = [0u8; 1];
+    let started = second.stdout.as_mut().unwrap().read(&mut line).unwrap_or(0) == 1;
+    let _ = second.kill();
+    let _ = second.wait();
+    assert!(started, "a second server was refused");
+    let (code, _) = s.stop();
+    assert_eq!(code, 0);
+    // Released at exit: commit now runs.
+    let (code, _, err) = qmprestore(&["commit", "--dir", d]);
+    assert_eq!(code, 0, "{err}");
+}

@@ -14,8 +14,10 @@ pub mod proto;
 pub mod reads;
 pub mod transmission;
 
+use crate::fsutil::Dir;
 use crate::report;
 use crate::restore::options::CheckOptions;
+use crate::store::lock::{DirLock, LockMode};
 use anyhow::{bail, Context, Result};
 use catalog::Catalog;
 use handshake::{greet, Negotiation, Outcome};
@@ -61,6 +63,10 @@ pub fn serve(opts: &ServeOptions, checks: CheckOptions) -> Result<()> {
     if opts.max_connections == 0 {
         bail!("--max-connections must be at least 1");
     }
+    // Held while serving: a backup may add points meanwhile, nothing may rewrite them.
+    let dir = Dir::open(&opts.dir)
+        .with_context(|| format!("{}: cannot read the backup directory", opts.dir.display()))?;
+    let _lock = DirLock::acquire(&dir, LockMode::Shared)?;
     let catalog = Catalog::scan(
         &opts.dir,
         opts.filter.as_deref(),

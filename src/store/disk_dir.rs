@@ -364,6 +364,7 @@ mod tests {
             "FULL-100-d.manifest.tmp",
             "d.config",
             ".lock",
+            ".append.lock",
             ".d.fleece-100.qcow2",
             "INC-200-d.partial.failed-300",
             "notes.txt",

@@ -7,7 +7,7 @@
 //!   YYYY-MM/                     with --monthly: one chain root per month
 //!     uuid                       the chain's bitmap uuid (uuid.rs)
 //!     <disk name>/               a disk directory (disk_dir.rs), unless --no-subdir
-//!       .lock                    held while a command changes the directory (lock.rs)
+//!       .lock, .append.lock      the locks commands hold on the directory (lock.rs)
 //!       FULL-<unix time>-<disk name>            backup files (name.rs, file.rs)
 //!       INC-<unix time>-<disk name>
 //!       COPY-<unix time>-<disk name>

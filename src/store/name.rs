@@ -16,8 +16,11 @@ const MOVED_ASIDE_INFIX: &str = ".partial.failed-";
 pub const UUID_FILE: &str = "uuid";
 /// With `--monthly`: `<target>/current` points at the newest month's folder.
 pub const CURRENT_LINK: &str = "current";
-/// The lock file a command changing a directory holds (a dot file: never a backup).
+/// The lock file every command on a directory holds, shared or exclusive (lock.rs; a dot
+/// file: never a backup).
 pub const LOCK_FILE: &str = ".lock";
+/// Held by the one backup adding files to a directory (lock.rs).
+pub const APPEND_LOCK_FILE: &str = ".append.lock";
 
 /// The name of a new backup file. `timestamp` is None with `--no-timestamp`.
 pub fn backup_file_name(level: BackupLevel, timestamp: Option<u64>, disk_name: &str) -> String {

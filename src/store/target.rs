@@ -11,7 +11,7 @@
 use crate::fsutil::Dir;
 use crate::store::disk_dir::DiskDir;
 use crate::store::level::BackupLevel;
-use crate::store::lock::DirLock;
+use crate::store::lock::{DirLock, LockMode};
 use crate::store::name::{self, backup_file_name, CURRENT_LINK};
 use crate::store::uuid;
 use anyhow::{Context, Result};
@@ -124,19 +124,19 @@ impl Target {
         })
     }
 
-    /// Locks the chain root (its uuid file, and with --no-subdir every disk's files) for
-    /// this run.
+    /// Takes the chain root's append lock (its uuid file, and with --no-subdir every
+    /// disk's files) for this run: readers go on, another backup is refused.
     pub fn lock_root(&self) -> Result<DirLock> {
-        DirLock::acquire(&self.root)
+        DirLock::acquire(&self.root, LockMode::Append)
     }
 
-    /// Locks the opened directory `dir` of the disk `disk_name`, unless it is the chain root
+    /// Takes the append lock of the opened directory `dir` of the disk `disk_name`, unless it is the chain root
     /// (--no-subdir), which [`Target::lock_root`] locks.
     pub fn lock_disk_dir(&self, dir: &Dir) -> Result<Option<DirLock>> {
         if self.opts.no_subdir {
             return Ok(None);
         }
-        DirLock::acquire(dir).map(Some)
+        DirLock::acquire(dir, LockMode::Append).map(Some)
     }
 
     /// The name of this run's backup of a disk: `<LEVEL>-<time>-<disk>`, or with
