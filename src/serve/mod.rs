@@ -1,10 +1,11 @@
 //! `qmprestore serve`: every point in time of a backup directory as an NBD export, read
 //! straight from the backup files (no merge first), every block checked against its file's
-//! manifest. Tokio: one task per connection, reads on blocking threads.
+//! manifest. Tokio listens, haggles and handles signals; once a client enters the
+//! transmission phase, its requests are answered on worker threads of its own.
 //!
 //! - `catalog`: the points and how they are opened;
 //! - `handshake`: the fixed-newstyle option haggling;
-//! - `transmission`: requests and replies;
+//! - `transmission`: requests and replies (the worker threads);
 //! - `reads`: what a read or a block status resolves to in a chain;
 //! - `proto`: the wire format.
 
@@ -20,12 +21,12 @@ use crate::restore::options::CheckOptions;
 use crate::store::lock::{DirLock, LockMode};
 use anyhow::{bail, Context, Result};
 use catalog::Catalog;
-use handshake::{greet, Negotiation, Outcome};
+use handshake::{greet, Negotiation, Outcome, Session};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
-use transmission::Shared;
+use transmission::{Shared, Socket};
 
 /// What `qmprestore serve` takes.
 #[derive(Debug, Clone, clap::Args)]
@@ -112,7 +113,7 @@ async fn run(opts: &ServeOptions, catalog: Arc<Catalog>) -> Result<()> {
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
-        let accepted: std::io::Result<Box<dyn Stream>> = tokio::select! {
+        let accepted: std::io::Result<Conn> = tokio::select! {
             _ = int.recv() => break,
             _ = term.recv() => break,
             Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
@@ -161,16 +162,19 @@ async fn run(opts: &ServeOptions, catalog: Arc<Catalog>) -> Result<()> {
     Ok(())
 }
 
-trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+/// An accepted client, before the handshake.
+enum Conn {
+    Unix(tokio::net::UnixStream),
+    Tcp(tokio::net::TcpStream),
+}
 
-async fn accept(l: &Listener) -> std::io::Result<Box<dyn Stream>> {
+async fn accept(l: &Listener) -> std::io::Result<Conn> {
     Ok(match l {
-        Listener::Unix(l, _) => Box::new(l.accept().await?.0),
+        Listener::Unix(l, _) => Conn::Unix(l.accept().await?.0),
         Listener::Tcp(l) => {
             let (s, _) = l.accept().await?;
             s.set_nodelay(true)?;
-            Box::new(s)
+            Conn::Tcp(s)
         }
     })
 }
@@ -219,28 +223,49 @@ fn remove_stale_socket(path: &std::path::Path) -> Result<()> {
     std::fs::remove_file(path).with_context(|| format!("{}: cannot remove", path.display()))
 }
 
-/// One client: handshake (within a time limit), then transmission.
+/// One client: handshake (within a time limit), then transmission on threads of its own.
 async fn connection(
-    mut s: Box<dyn Stream>,
+    conn: Conn,
     catalog: &Catalog,
     shared: Arc<Shared>,
-    stop: tokio::sync::watch::Receiver<bool>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> std::io::Result<()> {
-    let negotiated = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
-        let Some(flags) = greet(&mut s).await? else {
-            return Ok::<_, std::io::Error>(None);
+    let (session, fd) = match conn {
+        Conn::Unix(mut s) => (handshake(&mut s, catalog).await?, s.into_std()?.into()),
+        Conn::Tcp(mut s) => (handshake(&mut s, catalog).await?, s.into_std()?.into()),
+    };
+    let Some(session) = session else {
+        return Ok(());
+    };
+    let socket = Socket::new(fd)?;
+    let stopper = socket.try_clone()?;
+    let mut work =
+        tokio::task::spawn_blocking(move || transmission::serve(&socket, &session, &shared));
+    let done = tokio::select! {
+        r = &mut work => r,
+        _ = stop.changed() => {
+            stopper.stop_reading();
+            work.await
+        }
+    };
+    done.unwrap_or_else(|e| Err(std::io::Error::other(e)))
+}
+
+/// The handshake, within [`HANDSHAKE_TIMEOUT`]: the session, or None when the client left.
+async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    catalog: &Catalog,
+) -> std::io::Result<Option<Session>> {
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
+        let Some(flags) = greet(s).await? else {
+            return Ok(None);
         };
         let mut n = Negotiation::new(catalog, flags);
-        match n.run(&mut s).await? {
+        match n.run(s).await? {
             Outcome::Transmission(session) => Ok(Some(session)),
             Outcome::Closed => Ok(None),
         }
     })
     .await
-    .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "handshake timed out"))??;
-    let Some(session) = negotiated else {
-        return Ok(());
-    };
-    let (rd, wr) = tokio::io::split(s);
-    transmission::serve(rd, wr, session, shared, stop).await
+    .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "handshake timed out"))?
 }

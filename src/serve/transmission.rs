@@ -1,6 +1,9 @@
-//! The transmission phase of one connection: requests are read in order, reads and block
-//! status run on blocking threads (several at once, within a byte budget shared by all
-//! connections), and replies are written by one writer as they complete. Every malformed
+//! The transmission phase of one connection, on plain threads: a few workers per
+//! connection take turns reading the next request, and each answers the request it read
+//! itself (read, check, write the reply), so a request costs no hand-off between threads
+//! (on this path a hand-off costs as much as the copy). Reads on cold storage still
+//! overlap: while one worker waits for the disk, the next reads the next request. Replies
+//! in memory are bounded by a byte budget shared by all connections. Every malformed
 //! request gets an error reply and the connection goes on; only a broken frame (wrong
 //! magic, an oversized write payload) ends it.
 
@@ -9,37 +12,63 @@ use crate::serve::catalog::MAX_PAYLOAD;
 use crate::serve::handshake::Session;
 use crate::serve::proto::*;
 use crate::serve::reads::{self, Piece};
+use std::fs::File;
+use std::io::{BufReader, IoSlice, Read, Write};
 use std::ops::Range;
-use std::sync::Arc;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Condvar, Mutex};
 
 /// A write payload longer than our maximum is read and dropped up to this size (so the
 /// connection stays usable); a longer one ends the connection.
 const MAX_DISCARD: u32 = 64 << 20;
-/// Requests of one connection in progress at once.
-const IN_FLIGHT: usize = 16;
-/// The byte budget's unit (permits are KiB).
-const BUDGET_UNIT: u64 = 1024;
-
+/// Workers per connection: requests of one connection in progress at once.
+pub const WORKERS: usize = 4;
+/// A reply that cannot be written for this long (the client stopped reading) ends the
+/// connection.
+const SEND_TIMEOUT_SECS: libc::time_t = 120;
 /// Idle read buffers kept for reuse, at most this many bytes in all.
 const POOL_BYTES: usize = 64 << 20;
 
 /// What every connection shares.
 pub struct Shared {
-    /// Bytes of replies being built or waiting to be written, all connections together.
-    pub budget: Arc<Semaphore>,
+    /// Bytes of replies being built or written, all connections together.
+    budget: Budget,
     /// Read buffers written out, for the next reads: fresh pages from the kernel cost a
     /// fault each, a reused buffer none.
-    pool: std::sync::Mutex<Vec<Vec<u8>>>,
+    pool: Mutex<Vec<Vec<u8>>>,
+}
+
+/// A counting semaphore of bytes, for threads.
+struct Budget {
+    left: Mutex<u64>,
+    freed: Condvar,
+}
+
+impl Budget {
+    fn take(&self, n: u64) {
+        let mut left = self.left.lock().unwrap_or_else(|e| e.into_inner());
+        while *left < n {
+            left = self.freed.wait(left).unwrap_or_else(|e| e.into_inner());
+        }
+        *left -= n;
+    }
+
+    fn give(&self, n: u64) {
+        *self.left.lock().unwrap_or_else(|e| e.into_inner()) += n;
+        self.freed.notify_all();
+    }
 }
 
 impl Shared {
-    /// A budget of `bytes` for replies in memory.
+    /// A budget of `bytes` (at least one maximal read) for replies in memory.
     pub fn new(bytes: u64) -> Shared {
         Shared {
-            budget: Arc::new(Semaphore::new((bytes / BUDGET_UNIT) as usize)),
-            pool: std::sync::Mutex::new(Vec::new()),
+            budget: Budget {
+                left: Mutex::new(bytes.max(MAX_PAYLOAD as u64)),
+                freed: Condvar::new(),
+            },
+            pool: Mutex::new(Vec::new()),
         }
     }
 
@@ -69,14 +98,61 @@ impl Shared {
     }
 }
 
-/// One reply: header bytes and data, written in order by the writer.
+/// A connected socket, read and written with plain system calls (unix or TCP alike).
+pub struct Socket(File);
+
+impl Socket {
+    pub fn new(fd: OwnedFd) -> std::io::Result<Socket> {
+        let s = Socket(File::from(fd));
+        // Sockets tokio hands over are non-blocking; the workers block.
+        // SAFETY: fcntl on a descriptor we own.
+        unsafe {
+            let fl = libc::fcntl(s.0.as_raw_fd(), libc::F_GETFL);
+            if fl < 0 || libc::fcntl(s.0.as_raw_fd(), libc::F_SETFL, fl & !libc::O_NONBLOCK) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        // A client that stops reading its replies holds their budget: after this long
+        // without progress it is dropped.
+        let limit = libc::timeval {
+            tv_sec: SEND_TIMEOUT_SECS,
+            tv_usec: 0,
+        };
+        // SAFETY: setsockopt with a timeval of the size we pass.
+        unsafe {
+            libc::setsockopt(
+                s.0.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_SNDTIMEO,
+                (&limit as *const libc::timeval).cast(),
+                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+            )
+        };
+        Ok(s)
+    }
+
+    /// A second handle, to stop the connection from elsewhere.
+    pub fn try_clone(&self) -> std::io::Result<Socket> {
+        Ok(Socket(self.0.try_clone()?))
+    }
+
+    /// No more requests: a worker waiting for one sees the end, replies still go out.
+    pub fn stop_reading(&self) {
+        // SAFETY: shutdown on a descriptor we own.
+        unsafe { libc::shutdown(self.0.as_raw_fd(), libc::SHUT_RD) };
+    }
+
+    fn close(&self) {
+        // SAFETY: as above.
+        unsafe { libc::shutdown(self.0.as_raw_fd(), libc::SHUT_RDWR) };
+    }
+}
+
+/// One reply: header bytes and ranges of `data`, written in order with one `writev`.
 struct Frame {
     /// (bytes to write, then this range of `data`).
     parts: Vec<(Vec<u8>, Range<usize>)>,
     data: Vec<u8>,
-    _permit: Option<OwnedSemaphorePermit>,
-    /// Where `data` goes back to once written.
-    pool: Option<Arc<Shared>>,
 }
 
 impl Frame {
@@ -84,123 +160,204 @@ impl Frame {
         Frame {
             parts: vec![(bytes, 0..0)],
             data: Vec::new(),
-            _permit: None,
-            pool: None,
         }
     }
 }
 
-impl Drop for Frame {
-    fn drop(&mut self) {
-        if let Some(p) = self.pool.take() {
-            p.give_back(std::mem::take(&mut self.data));
-        }
-    }
+/// One connection's workers share this.
+struct Connection<'a> {
+    requests: Mutex<BufReader<File>>,
+    replies: Mutex<&'a File>,
+    socket: &'a Socket,
+    session: &'a Session,
+    shared: &'a Shared,
+    /// Set once the connection is to end: workers stop taking requests.
+    closing: AtomicBool,
+    /// Why it ended, when not cleanly.
+    error: Mutex<Option<std::io::Error>>,
 }
 
 /// Serves requests until the client disconnects, sends `NBD_CMD_DISC`, breaks the framing,
-/// or `stop` fires (requests in flight are answered first).
-pub async fn serve<R, W>(
-    mut rd: R,
-    wr: W,
-    session: Session,
-    shared: Arc<Shared>,
-    mut stop: tokio::sync::watch::Receiver<bool>,
-) -> std::io::Result<()>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin + Send + 'static,
-{
-    let (tx, rx) = mpsc::channel::<Frame>(IN_FLIGHT * 2);
-    let writer = tokio::spawn(write_frames(wr, rx));
-    let session = Arc::new(session);
-    let in_flight = Arc::new(Semaphore::new(IN_FLIGHT));
-    let result = loop {
+/// or [`Socket::stop_reading`] is called (requests in progress are answered first).
+pub fn serve(socket: &Socket, session: &Session, shared: &Shared) -> std::io::Result<()> {
+    let c = Connection {
+        requests: Mutex::new(BufReader::with_capacity(64 << 10, socket.0.try_clone()?)),
+        replies: Mutex::new(&socket.0),
+        socket,
+        session,
+        shared,
+        closing: AtomicBool::new(false),
+        error: Mutex::new(None),
+    };
+    std::thread::scope(|scope| {
+        for _ in 1..WORKERS {
+            scope.spawn(|| c.work());
+        }
+        c.work();
+    });
+    match c.error.into_inner().unwrap_or_else(|e| e.into_inner()) {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// What a worker does with a request it read.
+enum Next {
+    Answer(Request),
+    Reply(Frame),
+    End,
+}
+
+impl Connection<'_> {
+    fn work(&self) {
+        while !self.closing.load(Ordering::Acquire) {
+            let next = {
+                let mut rd = self.requests.lock().unwrap_or_else(|e| e.into_inner());
+                if self.closing.load(Ordering::Acquire) {
+                    return;
+                }
+                self.next(&mut rd)
+            };
+            let frame = match next {
+                Ok(Next::Answer(req)) => self.answer(&req),
+                Ok(Next::Reply(f)) => Some(f),
+                Ok(Next::End) => {
+                    self.closing.store(true, Ordering::Release);
+                    return;
+                }
+                Err(e) => {
+                    self.fail(e);
+                    return;
+                }
+            };
+            if let Some(f) = frame {
+                if let Err(e) = self.write(&f) {
+                    self.fail(e);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// The connection ends with an error: no more requests, nor replies.
+    fn fail(&self, e: std::io::Error) {
+        self.closing.store(true, Ordering::Release);
+        self.socket.close();
+        let mut slot = self.error.lock().unwrap_or_else(|e| e.into_inner());
+        if slot.is_none() {
+            *slot = Some(e);
+        }
+    }
+
+    /// Reads the next request (and a write's payload, which is dropped). Requests answered
+    /// without any reading are answered here, in order.
+    fn next(&self, rd: &mut BufReader<File>) -> std::io::Result<Next> {
         let mut head = [0u8; REQUEST_LEN];
-        let read = tokio::select! {
-            r = rd.read_exact(&mut head) => r,
-            _ = stop.changed() => break Ok(()),
-        };
-        match read {
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break Ok(()),
-            Err(e) => break Err(e),
+        match rd.read_exact(&mut head) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(Next::End),
+            Err(e) => return Err(e),
         }
         let Some(req) = Request::parse(&head) else {
-            break Err(std::io::Error::new(
+            return Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidData,
                 "request without the request magic",
             ));
         };
-        match req.kind {
-            CMD_DISC => break Ok(()),
+        let s = self.session;
+        Ok(match req.kind {
+            CMD_DISC => Next::End,
             CMD_WRITE => {
                 // Read-only: the payload is read and dropped, the write refused.
                 if req.length > MAX_DISCARD {
-                    break Err(std::io::Error::new(
+                    return Err(std::io::Error::new(
                         std::io::ErrorKind::InvalidData,
                         "write payload over 64 MiB",
                     ));
                 }
-                let mut sink = (&mut rd).take(req.length as u64);
-                if let Err(e) = tokio::io::copy(&mut sink, &mut tokio::io::sink()).await {
-                    break Err(e);
+                let got = std::io::copy(&mut rd.take(req.length as u64), &mut std::io::sink())?;
+                if got < req.length as u64 {
+                    return Ok(Next::End);
                 }
                 let e = if req.length > MAX_PAYLOAD {
                     EOVERFLOW
                 } else {
                     EPERM
                 };
-                send_error(&tx, &session, req.cookie, e, "the export is read-only").await;
+                Next::Reply(error_frame(s, req.cookie, e, "the export is read-only"))
             }
-            CMD_READ | CMD_BLOCK_STATUS => {
-                if let Some((e, msg)) = refuse(&req, &session) {
-                    send_error(&tx, &session, req.cookie, e, msg).await;
-                    continue;
+            CMD_READ | CMD_BLOCK_STATUS => match refuse(&req, s) {
+                Some((e, msg)) => Next::Reply(error_frame(s, req.cookie, e, msg)),
+                None => Next::Answer(req),
+            },
+            CMD_FLUSH | CMD_CACHE => match refuse(&req, s) {
+                Some((e, msg)) => Next::Reply(error_frame(s, req.cookie, e, msg)),
+                None => {
+                    let mut out = Vec::with_capacity(16);
+                    simple_reply(&mut out, 0, req.cookie);
+                    Next::Reply(Frame::plain(out))
                 }
-                let Ok(slot) = in_flight.clone().acquire_owned().await else {
-                    break Ok(());
-                };
-                let bytes = if req.kind == CMD_READ {
-                    req.length as u64
-                } else {
-                    0
-                };
-                let units = (bytes.div_ceil(BUDGET_UNIT) as u32).max(1);
-                let Ok(permit) = shared.budget.clone().acquire_many_owned(units).await else {
-                    break Ok(());
-                };
-                let (tx, session, shared) = (tx.clone(), session.clone(), shared.clone());
-                tokio::task::spawn_blocking(move || {
-                    let mut frame = if req.kind == CMD_READ {
-                        read_frame(&session, &req, &shared)
-                    } else {
-                        status_frame(&session, &req)
-                    };
-                    frame._permit = Some(permit);
-                    let _ = tx.blocking_send(frame);
-                    drop(slot);
-                });
-            }
-            CMD_FLUSH | CMD_CACHE => {
-                if let Some((e, msg)) = refuse(&req, &session) {
-                    send_error(&tx, &session, req.cookie, e, msg).await;
-                } else {
-                    send_ok(&tx, req.cookie).await;
-                }
-            }
+            },
             CMD_TRIM | CMD_WRITE_ZEROES => {
-                send_error(&tx, &session, req.cookie, EPERM, "the export is read-only").await;
+                Next::Reply(error_frame(s, req.cookie, EPERM, "the export is read-only"))
             }
-            _ => {
-                send_error(&tx, &session, req.cookie, EINVAL, "unknown command").await;
+            _ => Next::Reply(error_frame(s, req.cookie, EINVAL, "unknown command")),
+        })
+    }
+
+    /// Answers a read or a block status request: the reply is written before the budget
+    /// its data took is given back.
+    fn answer(&self, req: &Request) -> Option<Frame> {
+        if req.kind != CMD_READ {
+            return Some(status_frame(self.session, req));
+        }
+        let bytes = req.length as u64;
+        self.shared.budget.take(bytes);
+        let frame = read_frame(self.session, req, self.shared);
+        let written = self.write(&frame);
+        self.shared.give_back(frame.data);
+        self.shared.budget.give(bytes);
+        if let Err(e) = written {
+            self.fail(e);
+        }
+        None
+    }
+
+    /// Writes one reply whole, with as few system calls as it takes.
+    fn write(&self, f: &Frame) -> std::io::Result<()> {
+        let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(f.parts.len() * 2);
+        for (head, range) in &f.parts {
+            slices.push(IoSlice::new(head));
+            if !range.is_empty() {
+                slices.push(IoSlice::new(&f.data[range.clone()]));
             }
         }
-    };
-    // Requests in flight hold senders: the writer ends once they are answered.
-    drop(tx);
-    let written = writer.await.unwrap_or(Ok(()));
-    result.and(written)
+        let mut out = self.replies.lock().unwrap_or_else(|e| e.into_inner());
+        write_all_vectored(&mut *out, &mut slices)
+    }
+}
+
+/// `write_all` for a list of slices.
+fn write_all_vectored(mut w: impl Write, mut slices: &mut [IoSlice<'_>]) -> std::io::Result<()> {
+    while !slices.is_empty() {
+        match w.write_vectored(slices) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => IoSlice::advance_slices(&mut slices, n),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+fn error_frame(s: &Session, cookie: u64, e: u32, msg: &str) -> Frame {
+    let mut out = Vec::new();
+    if s.structured {
+        chunk_error(&mut out, cookie, e, msg);
+    } else {
+        simple_reply(&mut out, e, cookie);
+    }
+    Frame::plain(out)
 }
 
 /// Why a request cannot be served as asked, if it cannot: flags, range, length, contexts.
@@ -238,7 +395,7 @@ fn refuse(req: &Request, s: &Session) -> Option<(u32, &'static str)> {
 
 /// The reply to a read: structured (data and hole chunks; one data chunk with `DF`) or
 /// simple (the bytes, holes as zeros).
-fn read_frame(s: &Session, req: &Request, shared: &Arc<Shared>) -> Frame {
+fn read_frame(s: &Session, req: &Request, shared: &Shared) -> Frame {
     let len = req.length as usize;
     let df = req.flags & CMD_FLAG_DF != 0;
     let fill = !s.structured || df;
@@ -292,12 +449,7 @@ fn read_frame(s: &Session, req: &Request, shared: &Arc<Shared>) -> Frame {
             }
         }
     }
-    Frame {
-        parts,
-        data,
-        _permit: None,
-        pool: Some(shared.clone()),
-    }
+    Frame { parts, data }
 }
 
 /// A read that failed (a checksum mismatch, an I/O error): logged with the export and the
@@ -308,13 +460,7 @@ fn read_error(s: &Session, req: &Request, e: &qcow2::Error) -> Frame {
         s.export.name, req.length, req.offset
     );
     report::error(&msg);
-    let mut out = Vec::new();
-    if s.structured {
-        chunk_error(&mut out, req.cookie, EIO, &msg);
-    } else {
-        simple_reply(&mut out, EIO, req.cookie);
-    }
-    Frame::plain(out)
+    error_frame(s, req.cookie, EIO, &msg)
 }
 
 /// The reply to a block status request: one chunk per selected context.
@@ -332,46 +478,4 @@ fn status_frame(s: &Session, req: &Request) -> Frame {
         }
     }
     Frame::plain(out)
-}
-
-async fn send_ok(tx: &mpsc::Sender<Frame>, cookie: u64) {
-    let mut out = Vec::new();
-    simple_reply(&mut out, 0, cookie);
-    let _ = tx.send(Frame::plain(out)).await;
-}
-
-async fn send_error(tx: &mpsc::Sender<Frame>, s: &Session, cookie: u64, e: u32, msg: &str) {
-    let mut out = Vec::new();
-    if s.structured {
-        chunk_error(&mut out, cookie, e, msg);
-    } else {
-        simple_reply(&mut out, e, cookie);
-    }
-    let _ = tx.send(Frame::plain(out)).await;
-}
-
-/// Writes frames as they come; flushes when no frame is waiting.
-async fn write_frames<W: AsyncWrite + Unpin>(
-    wr: W,
-    mut rx: mpsc::Receiver<Frame>,
-) -> std::io::Result<()> {
-    let mut w = BufWriter::with_capacity(256 << 10, wr);
-    while let Some(f) = rx.recv().await {
-        write_frame(&mut w, &f).await?;
-        while let Ok(f) = rx.try_recv() {
-            write_frame(&mut w, &f).await?;
-        }
-        w.flush().await?;
-    }
-    w.shutdown().await.or(Ok(()))
-}
-
-async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, f: &Frame) -> std::io::Result<()> {
-    for (head, range) in &f.parts {
-        w.write_all(head).await?;
-        if !range.is_empty() {
-            w.write_all(&f.data[range.clone()]).await?;
-        }
-    }
-    Ok(())
 }
