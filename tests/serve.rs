@@ -914,3 +914,183 @@ fn serving_shares_the_directory_with_readers_and_keeps_rewriters_out() {
     let (code, _, err) = qmprestore(&["commit", "--dir", d]);
     assert_eq!(code, 0, "{err}");
 }
+
+/// A CA, a server certificate (localhost) and a client certificate, in `dir` with the
+/// names GnuTLS clients (qemu, libnbd) look for; and a second directory with only the CA.
+fn certificates(dir: &Path) {
+    let sh = |script: &str| {
+        let out = Command::new("bash")
+            .arg("-c")
+            .arg(script)
+            .current_dir(dir)
+            .output()
+            .expect("bash");
+        assert!(
+            out.status.success(),
+            "openssl: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let key = "-newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes";
+    sh(&format!(
+        "openssl req -x509 {key} -keyout ca-key.pem -out ca-cert.pem -days 2 -subj /CN=ca \
+         -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign"
+    ));
+    for (who, ext) in [
+        (
+            "server",
+            "subjectAltName=DNS:localhost\nextendedKeyUsage=serverAuth",
+        ),
+        ("client", "extendedKeyUsage=clientAuth"),
+    ] {
+        sh(&format!(
+            "openssl req {key} -keyout {who}-key.pem -out {who}.csr -subj /CN={who} && \
+             printf '{ext}\\nbasicConstraints=CA:FALSE\\n' > {who}.ext && \
+             openssl x509 -req -in {who}.csr -CA ca-cert.pem -CAkey ca-key.pem -CAcreateserial \
+             -out {who}-cert.pem -days 2 -extfile {who}.ext"
+        ));
+    }
+}
+
+#[test]
+fn tls_is_required_and_verified_clients_read_every_point() {
+    let b = backups(65536);
+    let certs = b._tmp.path().join("certs");
+    std::fs::create_dir(&certs).unwrap();
+    certificates(&certs);
+    let c = |name: &str| certs.join(name).display().to_string();
+    let s = Server::start(
+        &b.dir,
+        &[
+            "--tls-cert",
+            &c("server-cert.pem"),
+            "--tls-key",
+            &c("server-key.pem"),
+            "--tls-ca",
+            &c("ca-cert.pem"),
+        ],
+    );
+    // Before STARTTLS every option but ABORT is refused with ERR_TLS_REQD; STARTTLS is
+    // accepted.
+    let mut raw = UnixStream::connect(&s.socket).unwrap();
+    raw.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut greeting = [0u8; 18];
+    raw.read_exact(&mut greeting).unwrap();
+    raw.write_all(&3u32.to_be_bytes()).unwrap();
+    for option in [3u32, 6, 8, 99] {
+        send_option(&mut raw, option, &[]);
+        assert_eq!(
+            read_option_reply(&mut raw).0,
+            (1 << 31) + 5,
+            "option {option}"
+        );
+    }
+    send_option(&mut raw, 5, &[]);
+    assert_eq!(read_option_reply(&mut raw).0, 1);
+    drop(raw);
+    // A plain client is told TLS is required.
+    let plain = format!("nbd+unix:///?socket={}", s.socket.display());
+    let (code, _, err) = tool("nbdinfo", &["--size", &plain]);
+    assert_ne!(code, 0);
+    assert!(err.contains("TLS"), "{err}");
+    // libnbd (nbdcopy) with the client certificate, verifying the server's.
+    let tls_uri = |export: &str| {
+        format!(
+            "nbds+unix:///{export}?socket={}&tls-certificates={}",
+            s.socket.display(),
+            certs.display()
+        )
+    };
+    let scratch = b._tmp.path();
+    for (name, model) in &b.points {
+        let out = scratch.join("tls.raw");
+        let _ = std::fs::remove_file(&out);
+        tool_ok(
+            "nbdcopy",
+            &["-C", "4", &tls_uri(name), out.to_str().unwrap()],
+        );
+        assert!(std::fs::read(&out).unwrap() == *model, "{name} over TLS");
+    }
+    // qemu-img with tls-creds-x509 (GnuTLS), the default export.
+    let out = scratch.join("qemu-tls.raw");
+    tool_ok(
+        "qemu-img",
+        &[
+            "convert",
+            "--object",
+            &format!(
+                "tls-creds-x509,id=tls0,dir={},endpoint=client",
+                certs.display()
+            ),
+            "--image-opts",
+            &format!(
+                "driver=nbd,path={},tls-creds=tls0,tls-hostname=localhost",
+                s.socket.display()
+            ),
+            "-O",
+            "raw",
+            out.to_str().unwrap(),
+        ],
+    );
+    assert!(std::fs::read(&out).unwrap() == b.points.last().unwrap().1);
+    // Without a client certificate signed by the CA: refused.
+    let ca_only = scratch.join("ca-only");
+    std::fs::create_dir(&ca_only).unwrap();
+    std::fs::copy(certs.join("ca-cert.pem"), ca_only.join("ca-cert.pem")).unwrap();
+    let uri = format!(
+        "nbds+unix:///?socket={}&tls-certificates={}",
+        s.socket.display(),
+        ca_only.display()
+    );
+    let (code, out, _) = tool("nbdinfo", &["--size", &uri]);
+    assert_ne!(code, 0, "a client without a certificate read {out}");
+    let (code, err) = s.stop();
+    assert_eq!(code, 0, "{err}");
+}
+
+#[test]
+fn unusable_tls_files_are_refused_at_start_up() {
+    let b = backups(65536);
+    let certs = b._tmp.path().join("certs");
+    std::fs::create_dir(&certs).unwrap();
+    certificates(&certs);
+    let d = b.dir.to_str().unwrap();
+    let sock = b._tmp.path().join("x.sock");
+    let c = |name: &str| certs.join(name).display().to_string();
+    for (args, says) in [
+        (
+            vec![
+                "--tls-cert",
+                &c("server-key.pem"),
+                "--tls-key",
+                &c("server-key.pem"),
+            ],
+            "no certificate",
+        ),
+        (
+            vec![
+                "--tls-cert",
+                &c("server-cert.pem"),
+                "--tls-key",
+                &c("server-cert.pem"),
+            ],
+            "no private key",
+        ),
+        (
+            vec![
+                "--tls-cert",
+                &c("server-cert.pem"),
+                "--tls-key",
+                &c("client-key.pem"),
+            ],
+            "do not make a usable pair",
+        ),
+        (vec!["--tls-cert", &c("server-cert.pem")], "--tls-key"),
+    ] {
+        let mut all = vec!["serve", "--dir", d, "--socket", sock.to_str().unwrap()];
+        all.extend(args);
+        let (code, _, err) = tool(env!("CARGO_BIN_EXE_qmprestore"), &all);
+        assert_ne!(code, 0);
+        assert!(err.contains(says), "{says}: {err}");
+    }
+}

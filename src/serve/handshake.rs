@@ -23,6 +23,9 @@ pub struct Session {
 /// How the handshake ended.
 pub enum Outcome {
     Transmission(Session),
+    /// The client asked for TLS and was told yes: the caller runs the TLS handshake, marks
+    /// the negotiation [`Tls::Active`] and goes on with it over the TLS stream.
+    StartTls,
     /// The client left (ABORT, or a closed connection).
     Closed,
 }
@@ -40,10 +43,22 @@ fn context_id(c: Context) -> u32 {
     }
 }
 
+/// Where a connection stands with TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tls {
+    /// The server has none: STARTTLS is refused.
+    Off,
+    /// The server requires it (FORCEDTLS): every option but STARTTLS and ABORT is refused.
+    Required,
+    /// The connection is encrypted.
+    Active,
+}
+
 /// Options of one connection, after the greeting and the client's flags.
 pub struct Negotiation<'a> {
     pub catalog: &'a Catalog,
     pub no_zeroes: bool,
+    pub tls: Tls,
     structured: bool,
     contexts: Vec<Context>,
     contexts_for: Option<String>,
@@ -63,10 +78,11 @@ pub async fn greet<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S) -> std::io::Res
 }
 
 impl<'a> Negotiation<'a> {
-    pub fn new(catalog: &'a Catalog, client_flags: u32) -> Negotiation<'a> {
+    pub fn new(catalog: &'a Catalog, client_flags: u32, tls: Tls) -> Negotiation<'a> {
         Negotiation {
             catalog,
             no_zeroes: client_flags & CLIENT_NO_ZEROES != 0,
+            tls,
             structured: false,
             contexts: Vec::new(),
             contexts_for: None,
@@ -112,10 +128,16 @@ impl<'a> Negotiation<'a> {
 
     /// Handles one option: its replies go to `out`.
     fn option(&mut self, option: u32, data: &[u8], out: &mut Vec<u8>) -> Step {
+        if self.tls == Tls::Required {
+            return self.before_tls(option, data, out);
+        }
         match option {
             OPT_ABORT => {
                 option_reply(out, option, REP_ACK, &[]);
                 Step::Close
+            }
+            OPT_STARTTLS if self.tls == Tls::Active => {
+                err(out, option, REP_ERR_INVALID, "TLS is already on")
             }
             OPT_STARTTLS => err(
                 out,
@@ -183,6 +205,31 @@ impl<'a> Negotiation<'a> {
                 }))
             }
             _ => err(out, option, REP_ERR_UNSUP, "option not supported"),
+        }
+    }
+
+    /// An option before STARTTLS on a server that requires TLS.
+    fn before_tls(&mut self, option: u32, data: &[u8], out: &mut Vec<u8>) -> Step {
+        match option {
+            OPT_STARTTLS if !data.is_empty() => {
+                err(out, option, REP_ERR_INVALID, "STARTTLS takes no data")
+            }
+            OPT_STARTTLS => {
+                option_reply(out, option, REP_ACK, &[]);
+                Step::Done(Outcome::StartTls)
+            }
+            OPT_ABORT => {
+                option_reply(out, option, REP_ACK, &[]);
+                Step::Close
+            }
+            // It has no error reply: the connection ends.
+            OPT_EXPORT_NAME => Step::Close,
+            _ => err(
+                out,
+                option,
+                REP_ERR_TLS_REQD,
+                "this server requires TLS: send STARTTLS first",
+            ),
         }
     }
 

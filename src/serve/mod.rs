@@ -13,6 +13,7 @@ pub mod catalog;
 pub mod handshake;
 pub mod proto;
 pub mod reads;
+pub mod tls;
 pub mod transmission;
 
 use crate::fsutil::Dir;
@@ -21,11 +22,13 @@ use crate::restore::options::CheckOptions;
 use crate::store::lock::{DirLock, LockMode};
 use anyhow::{bail, Context, Result};
 use catalog::Catalog;
-use handshake::{greet, Negotiation, Outcome, Session};
+use handshake::{greet, Negotiation, Outcome, Session, Tls};
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_rustls::TlsAcceptor;
 use transmission::{Shared, Socket};
 
 /// What `qmprestore serve` takes.
@@ -47,6 +50,17 @@ pub struct ServeOptions {
     /// Listen on HOST:PORT over TCP. 0.0.0.0 or [::] exposes the backups to the network.
     #[arg(long)]
     pub listen: Option<String>,
+    /// Require TLS (clients must send STARTTLS) with this certificate: PEM, the server's
+    /// certificate first, then any intermediates.
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Require every client to present a certificate signed by this CA (PEM). Use it
+    /// whenever the server listens beyond this host.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_ca: Option<PathBuf>,
     /// At most this many clients at once; more are turned away.
     #[arg(long, default_value_t = 64)]
     pub max_connections: usize,
@@ -68,6 +82,10 @@ pub fn serve(opts: &ServeOptions, checks: CheckOptions) -> Result<()> {
     let dir = Dir::open(&opts.dir)
         .with_context(|| format!("{}: cannot read the backup directory", opts.dir.display()))?;
     let _lock = DirLock::acquire(&dir, LockMode::Shared)?;
+    let tls = match (&opts.tls_cert, &opts.tls_key) {
+        (Some(cert), Some(key)) => Some(tls::acceptor(cert, key, opts.tls_ca.as_deref())?),
+        _ => None,
+    };
     let catalog = Catalog::scan(
         &opts.dir,
         opts.filter.as_deref(),
@@ -83,7 +101,7 @@ pub fn serve(opts: &ServeOptions, checks: CheckOptions) -> Result<()> {
         .enable_all()
         .build()
         .context("cannot start the runtime")?;
-    rt.block_on(run(opts, Arc::new(catalog)))
+    rt.block_on(run(opts, Arc::new(catalog), tls))
 }
 
 enum Listener {
@@ -91,8 +109,8 @@ enum Listener {
     Tcp(tokio::net::TcpListener),
 }
 
-async fn run(opts: &ServeOptions, catalog: Arc<Catalog>) -> Result<()> {
-    let (listener, uri) = bind(opts).await?;
+async fn run(opts: &ServeOptions, catalog: Arc<Catalog>, tls: Option<TlsAcceptor>) -> Result<()> {
+    let (listener, uri) = bind(opts, tls.is_some()).await?;
     let default = &catalog.points[catalog.default];
     report::info(format!(
         "serving {} point(s) of {}; the default export is {} ({})",
@@ -135,8 +153,13 @@ async fn run(opts: &ServeOptions, catalog: Arc<Catalog>) -> Result<()> {
             continue;
         };
         let (catalog, shared, stop) = (catalog.clone(), shared.clone(), stop_rx.clone());
+        let tls = tls.clone();
         tasks.spawn(async move {
-            if let Err(e) = connection(stream, &catalog, shared, stop).await {
+            let served = match stream {
+                Conn::Unix(s) => connection(s, &catalog, tls, shared, stop).await,
+                Conn::Tcp(s) => connection(s, &catalog, tls, shared, stop).await,
+            };
+            if let Err(e) = served {
                 report::debug(format!("connection ended: {e}"));
             }
             drop(slot);
@@ -180,12 +203,13 @@ async fn accept(l: &Listener) -> std::io::Result<Conn> {
 }
 
 /// Binds the listener; returns it and the URI of the default export.
-async fn bind(opts: &ServeOptions) -> Result<(Listener, String)> {
+async fn bind(opts: &ServeOptions, tls: bool) -> Result<(Listener, String)> {
+    let scheme = if tls { "nbds" } else { "nbd" };
     if let Some(path) = &opts.socket {
         remove_stale_socket(path)?;
         let l = tokio::net::UnixListener::bind(path)
             .with_context(|| format!("{}: cannot listen on this socket", path.display()))?;
-        let uri = format!("nbd+unix:///?socket={}", path.display());
+        let uri = format!("{scheme}+unix:///?socket={}", path.display());
         return Ok((Listener::Unix(l, path.clone()), uri));
     }
     let addr = opts.listen.as_deref().unwrap_or_default();
@@ -193,12 +217,12 @@ async fn bind(opts: &ServeOptions) -> Result<(Listener, String)> {
         .await
         .with_context(|| format!("--listen {addr}: cannot listen there (HOST:PORT)"))?;
     let local = l.local_addr()?;
-    if local.ip().is_unspecified() {
+    if local.ip().is_unspecified() && !(tls && opts.tls_ca.is_some()) {
         report::warn(format!(
-            "listening on {local}: every host that can reach this one can read these backups"
+            "listening on {local}: every host that can reach this one can read these backups; use --tls-cert/--tls-key with --tls-ca to admit only clients with a certificate you signed"
         ));
     }
-    Ok((Listener::Tcp(l), format!("nbd://{local}/")))
+    Ok((Listener::Tcp(l), format!("{scheme}://{local}/")))
 }
 
 /// A socket file left by a server that is gone is removed; a live one (someone accepts on
@@ -223,21 +247,71 @@ fn remove_stale_socket(path: &std::path::Path) -> Result<()> {
     std::fs::remove_file(path).with_context(|| format!("{}: cannot remove", path.display()))
 }
 
-/// One client: handshake (within a time limit), then transmission on threads of its own.
-async fn connection(
-    conn: Conn,
+/// A stream the workers can take over as a plain socket.
+trait IntoFd: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    fn into_fd(self) -> std::io::Result<OwnedFd>;
+}
+
+impl IntoFd for tokio::net::UnixStream {
+    fn into_fd(self) -> std::io::Result<OwnedFd> {
+        Ok(self.into_std()?.into())
+    }
+}
+
+impl IntoFd for tokio::net::TcpStream {
+    fn into_fd(self) -> std::io::Result<OwnedFd> {
+        Ok(self.into_std()?.into())
+    }
+}
+
+/// One client: handshake (within a time limit; with TLS when the server has it), then
+/// transmission on worker threads of its own. A TLS connection's workers talk to a socket
+/// pair whose other end a task carries through TLS.
+async fn connection<S: IntoFd>(
+    mut s: S,
     catalog: &Catalog,
+    tls: Option<TlsAcceptor>,
+    shared: Arc<Shared>,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    let Some(tls) = tls else {
+        let Some((Some(session), _)) = handshake(&mut s, catalog, Tls::Off).await? else {
+            return Ok(());
+        };
+        return transmit(Socket::new(s.into_fd()?)?, session, shared, stop).await;
+    };
+    let deadline = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
+    let Some((_, negotiation)) = handshake(&mut s, catalog, Tls::Required).await? else {
+        return Ok(());
+    };
+    let mut secure = match tokio::time::timeout_at(deadline, tls.accept(s)).await {
+        Ok(Ok(secure)) => secure,
+        Ok(Err(e)) => {
+            // Worth the operator's eye: a wrong certificate on either side.
+            report::warn(format!("a client failed the TLS handshake: {e}"));
+            return Ok(());
+        }
+        Err(_) => return Err(timed_out()),
+    };
+    let Some(session) = resume(&mut secure, negotiation, deadline).await? else {
+        return Ok(());
+    };
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
+    theirs.set_nonblocking(true)?;
+    let pump = tokio::spawn(tls::pump(secure, tokio::net::UnixStream::from_std(theirs)?));
+    let served = transmit(Socket::new(ours.into())?, session, shared, stop).await;
+    let _ = pump.await;
+    served
+}
+
+/// Runs the transmission workers until the connection ends; `stop` makes them take no
+/// more requests.
+async fn transmit(
+    socket: Socket,
+    session: Session,
     shared: Arc<Shared>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> std::io::Result<()> {
-    let (session, fd) = match conn {
-        Conn::Unix(mut s) => (handshake(&mut s, catalog).await?, s.into_std()?.into()),
-        Conn::Tcp(mut s) => (handshake(&mut s, catalog).await?, s.into_std()?.into()),
-    };
-    let Some(session) = session else {
-        return Ok(());
-    };
-    let socket = Socket::new(fd)?;
     let stopper = socket.try_clone()?;
     let mut work =
         tokio::task::spawn_blocking(move || transmission::serve(&socket, &session, &shared));
@@ -251,21 +325,45 @@ async fn connection(
     done.unwrap_or_else(|e| Err(std::io::Error::other(e)))
 }
 
-/// The handshake, within [`HANDSHAKE_TIMEOUT`]: the session, or None when the client left.
-async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
+fn timed_out() -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::TimedOut, "handshake timed out")
+}
+
+/// The handshake, within [`HANDSHAKE_TIMEOUT`]: the session, or None when the client
+/// left. With `Tls::Required` it ends at STARTTLS (the session is then None) and the
+/// negotiation is returned to go on over TLS with [`resume`].
+async fn handshake<'a, S: AsyncRead + AsyncWrite + Unpin>(
     s: &mut S,
-    catalog: &Catalog,
-) -> std::io::Result<Option<Session>> {
+    catalog: &'a Catalog,
+    tls: Tls,
+) -> std::io::Result<Option<(Option<Session>, Negotiation<'a>)>> {
     tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
         let Some(flags) = greet(s).await? else {
             return Ok(None);
         };
-        let mut n = Negotiation::new(catalog, flags);
-        match n.run(s).await? {
-            Outcome::Transmission(session) => Ok(Some(session)),
-            Outcome::Closed => Ok(None),
-        }
+        let mut n = Negotiation::new(catalog, flags, tls);
+        Ok(match n.run(s).await? {
+            Outcome::Transmission(session) => Some((Some(session), n)),
+            Outcome::StartTls => Some((None, n)),
+            Outcome::Closed => None,
+        })
     })
     .await
-    .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "handshake timed out"))?
+    .map_err(|_| timed_out())?
+}
+
+/// The options after STARTTLS, over the TLS stream, until `deadline`.
+async fn resume<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    mut n: Negotiation<'_>,
+    deadline: tokio::time::Instant,
+) -> std::io::Result<Option<Session>> {
+    n.tls = Tls::Active;
+    tokio::time::timeout_at(deadline, n.run(s))
+        .await
+        .map_err(|_| timed_out())?
+        .map(|o| match o {
+            Outcome::Transmission(session) => Some(session),
+            _ => None,
+        })
 }
