@@ -1094,3 +1094,201 @@ fn unusable_tls_files_are_refused_at_start_up() {
         assert!(err.contains(says), "{says}: {err}");
     }
 }
+
+/// qemu-io on an export (raw over NBD); the commands must all succeed.
+fn qemu_io_nbd(uri: &str, cmds: &[String]) {
+    let mut args = vec!["-f", "raw"];
+    for c in cmds {
+        args.extend(["-c", c.as_str()]);
+    }
+    args.push(uri);
+    let (code, out, err) = tool("qemu-io", &args);
+    assert!(
+        code == 0 && !out.contains("failed") && !err.contains("failed"),
+        "qemu-io {cmds:?}: {out}{err}"
+    );
+}
+
+fn sums(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    contents(dir)
+}
+
+#[test]
+fn an_overlay_takes_writes_keeps_them_across_restarts_and_never_touches_the_backups() {
+    let b = backups(65536);
+    let before = sums(&b.dir);
+    let scratch = b._tmp.path();
+    let ov = scratch.join("overlay.qcow2");
+    let ov_s = ov.to_str().unwrap();
+    let (newest, base_model) = b.points.last().unwrap().clone();
+    let mut model = base_model.clone();
+    let s = Server::start(&b.dir, &["--overlay", ov_s]);
+    // Writes of every kind, unaligned ones included (their clusters are completed from
+    // the backups), with and without FUA, then a trim of whole clusters.
+    let writes = [
+        W::Data(100, 5000, 0x61),
+        W::Data(3 * MIB - 512, 70_000, 0x62),
+        W::Zero(MIB + 4096, 300_000),
+        W::Data(9 * MIB + 1, 65536, 0x63),
+    ];
+    let mut cmds: Vec<String> = writes.iter().map(|w| apply(&mut model, w)).collect();
+    cmds.push("write -f -P 0x64 6291456 131072".into());
+    model[6 * MIB..6 * MIB + 131072].fill(0x64);
+    cmds.push(format!("discard {} {}", 4 * MIB, MIB));
+    model[4 * MIB..5 * MIB].fill(0);
+    cmds.push("flush".into());
+    qemu_io_nbd(&s.uri(""), &cmds);
+    assert_export_is(&s, "", &model, scratch);
+    // The point under its own name is still the backup, read-only.
+    assert_export_is(&s, &newest, &base_model, scratch);
+    let (code, _, err) = tool(
+        "qemu-io",
+        &["-f", "raw", "-c", "write 0 512", &s.uri(&newest)],
+    );
+    assert!(
+        code != 0 || err.contains("read-only") || err.contains("failed"),
+        "{err}"
+    );
+    // What the overlay holds is depth 1.
+    let depth = map(&s.uri(""), "qemu:allocation-depth");
+    assert!(
+        depth
+            .iter()
+            .any(|&(o, l, d)| d == 1 && o <= 100 && o + l >= 5100),
+        "{depth:?}"
+    );
+    let (code, err) = s.stop();
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("every write is flushed"), "{err}");
+    let (code, out, e) = tool("qemu-img", &["check", ov_s]);
+    assert_eq!(code, 0, "qemu-img check: {out}{e}");
+    // A restart continues from the overlay.
+    let s = Server::start(&b.dir, &["--overlay", ov_s]);
+    assert_export_is(&s, "", &model, scratch);
+    qemu_io_nbd(&s.uri(""), &["write -P 0x65 0 4096".to_string()]);
+    model[..4096].fill(0x65);
+    assert_export_is(&s, "", &model, scratch);
+    let (code, _) = s.stop();
+    assert_eq!(code, 0);
+    // Another point with the same overlay is refused, naming the point it belongs to.
+    let (older, _) = &b.points[1];
+    let sock = scratch.join("other.sock");
+    let (code, _, err) = tool(
+        env!("CARGO_BIN_EXE_qmprestore"),
+        &[
+            "serve",
+            "--dir",
+            b.dir.to_str().unwrap(),
+            "--socket",
+            sock.to_str().unwrap(),
+            "--until",
+            older,
+            "--overlay",
+            ov_s,
+        ],
+    );
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("holds writes over another point") && err.contains(&newest),
+        "{err}"
+    );
+    // A file that is not an overlay of ours is not taken.
+    let foreign = scratch.join("foreign.qcow2");
+    tool_ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            foreign.to_str().unwrap(),
+            "10M",
+        ],
+    );
+    let (code, _, err) = tool(
+        env!("CARGO_BIN_EXE_qmprestore"),
+        &[
+            "serve",
+            "--dir",
+            b.dir.to_str().unwrap(),
+            "--socket",
+            sock.to_str().unwrap(),
+            "--overlay",
+            foreign.to_str().unwrap(),
+        ],
+    );
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("not made by `qmprestore serve --overlay`"),
+        "{err}"
+    );
+    assert!(sums(&b.dir) == before, "the backups changed");
+}
+
+#[test]
+fn an_overlay_killed_mid_write_is_readable_with_at_most_leaks() {
+    let b = backups(65536);
+    let scratch = b._tmp.path();
+    let ov = scratch.join("overlay.qcow2");
+    let ov_s = ov.to_str().unwrap();
+    let s = Server::start(&b.dir, &["--overlay", ov_s]);
+    // A stream of scattered writes with flushes between, killed while it runs.
+    let script = scratch.join("writes");
+    let mut text = String::new();
+    for i in 0..4000u64 {
+        let off = (i * 7919 * 4096) % (10 * MIB as u64 - 65536);
+        text.push_str(&format!("write -P {} {} 12288\n", i % 250 + 1, off));
+        if i % 50 == 0 {
+            text.push_str("flush\n");
+        }
+    }
+    std::fs::write(&script, text).unwrap();
+    let mut writer = Command::new("qemu-io")
+        .args(["-f", "raw", &s.uri("")])
+        .stdin(std::fs::File::open(&script).unwrap())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Killed once the overlay holds a good part of the writes (before the writer ends).
+    let t0 = Instant::now();
+    while std::fs::metadata(&ov).map_or(0, |m| m.len()) < 3 * MIB as u64
+        && writer.try_wait().unwrap().is_none()
+        && t0.elapsed() < Duration::from_secs(60)
+    {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(
+        writer.try_wait().unwrap().is_none(),
+        "the writes ended before the kill"
+    );
+    let mut s = s;
+    let _ = s.child.kill();
+    let _ = s.child.wait();
+    let _ = writer.kill();
+    let _ = writer.wait();
+    let (code, out, err) = tool("qemu-img", &["check", ov_s]);
+    assert!(
+        code == 0 || code == 3,
+        "qemu-img check exit {code}: {out}{err}"
+    );
+    // The server takes the overlay again and it reads whole.
+    let s = Server::start(&b.dir, &["--overlay", ov_s]);
+    let out = scratch.join("after-kill.raw");
+    tool_ok(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            &s.uri(""),
+            out.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(
+        std::fs::metadata(&out).unwrap().len(),
+        b.points.last().unwrap().1.len() as u64
+    );
+}

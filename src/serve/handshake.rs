@@ -30,9 +30,15 @@ pub enum Outcome {
     Closed,
 }
 
-/// Transmission flags of our exports (read-only).
-pub fn export_flags() -> u16 {
-    TF_HAS_FLAGS | TF_READ_ONLY | TF_SEND_FLUSH | TF_SEND_DF | TF_CAN_MULTI_CONN | TF_SEND_CACHE
+/// Transmission flags of an export: read-only, or writable through an overlay (a flush
+/// on any connection makes every completed write durable, so multi-conn holds for both).
+pub fn export_flags(export: &Export) -> u16 {
+    let common = TF_HAS_FLAGS | TF_SEND_FLUSH | TF_SEND_DF | TF_CAN_MULTI_CONN | TF_SEND_CACHE;
+    if export.writable() {
+        common | TF_SEND_FUA | TF_SEND_TRIM | TF_SEND_WRITE_ZEROES
+    } else {
+        common | TF_READ_ONLY
+    }
 }
 
 /// The id a context gets in `NBD_REP_META_CONTEXT` (fixed: the same on every connection).
@@ -159,8 +165,14 @@ impl<'a> Negotiation<'a> {
                     out,
                     "",
                     &format!(
-                        "{} (the default export: {})",
-                        default.description, default.file.name
+                        "{} (the default export: {}{})",
+                        default.description,
+                        default.file.name,
+                        if cat.has_overlay() {
+                            "; writable, writes go to an overlay"
+                        } else {
+                            ""
+                        }
                     ),
                 );
                 for p in &cat.points {
@@ -186,14 +198,11 @@ impl<'a> Negotiation<'a> {
                 let Ok(name) = std::str::from_utf8(data) else {
                     return Step::Close;
                 };
-                let Some(p) = self.catalog.find(name) else {
-                    return Step::Close;
-                };
-                let Ok(export) = self.catalog.open(p) else {
+                let Some((p, Ok(export))) = self.catalog.open_export(name) else {
                     return Step::Close;
                 };
                 out.extend_from_slice(&export.size.to_be_bytes());
-                out.extend_from_slice(&export_flags().to_be_bytes());
+                out.extend_from_slice(&export_flags(&export).to_be_bytes());
                 if !self.no_zeroes {
                     out.extend_from_slice(&[0u8; 124]);
                 }
@@ -320,7 +329,7 @@ impl<'a> Negotiation<'a> {
         if !p.is_empty() {
             return err(out, option, REP_ERR_INVALID, "trailing bytes");
         }
-        let Some(point) = self.catalog.find(name) else {
+        let Some((point, opened)) = self.catalog.open_export(name) else {
             return err(
                 out,
                 option,
@@ -328,7 +337,7 @@ impl<'a> Negotiation<'a> {
                 &format!("no export {name:?} (nbdinfo --list shows the points)"),
             );
         };
-        let export = match self.catalog.open(point) {
+        let export = match opened {
             Ok(e) => e,
             Err(msg) => return err(out, option, REP_ERR_POLICY, &msg),
         };
@@ -336,7 +345,7 @@ impl<'a> Negotiation<'a> {
             out,
             option,
             REP_INFO,
-            &info_export(export.size, export_flags()),
+            &info_export(export.size, export_flags(&export)),
         );
         option_reply(
             out,

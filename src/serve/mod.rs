@@ -11,6 +11,7 @@
 
 pub mod catalog;
 pub mod handshake;
+pub mod overlay;
 pub mod proto;
 pub mod reads;
 pub mod tls;
@@ -50,6 +51,11 @@ pub struct ServeOptions {
     /// Listen on HOST:PORT over TCP. 0.0.0.0 or [::] exposes the backups to the network.
     #[arg(long)]
     pub listen: Option<String>,
+    /// Make the default export writable: writes go into this qcow2 file (created when
+    /// missing), never into the backups. Serving the same point with the same file again
+    /// continues from it; the file refuses any other point.
+    #[arg(long, value_name = "FILE")]
+    pub overlay: Option<PathBuf>,
     /// Require TLS (clients must send STARTTLS) with this certificate: PEM, the server's
     /// certificate first, then any intermediates.
     #[arg(long, requires = "tls_key")]
@@ -91,17 +97,30 @@ pub fn serve(opts: &ServeOptions, checks: CheckOptions) -> Result<()> {
         opts.filter.as_deref(),
         opts.until.as_deref(),
         checks,
-    )?;
+    )?
+    .with_overlay(opts.overlay.clone());
     // The default export is opened (and checked) now: a damaged chain is an error at
     // start-up, not at the first client.
-    let default = &catalog.points[catalog.default];
-    catalog.open(default).map_err(|m| anyhow::anyhow!("{m}"))?;
+    if let Some((_, Err(m))) = catalog.open_export("") {
+        bail!("{m}");
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .context("cannot start the runtime")?;
-    rt.block_on(run(opts, Arc::new(catalog), tls))
+    let catalog = Arc::new(catalog);
+    let served = rt.block_on(run(opts, catalog.clone(), tls));
+    if let Some(o) = catalog.overlay() {
+        o.flush().with_context(|| {
+            format!(
+                "{}: the last writes could not be flushed",
+                o.path().display()
+            )
+        })?;
+        report::info(format!("{}: every write is flushed", o.path().display()));
+    }
+    served
 }
 
 enum Listener {
@@ -119,6 +138,12 @@ async fn run(opts: &ServeOptions, catalog: Arc<Catalog>, tls: Option<TlsAcceptor
         default.file.name,
         default.description
     ));
+    if let Some(o) = catalog.overlay() {
+        report::info(format!(
+            "the default export is writable: writes go to {} (the backups are not changed)",
+            o.path().display()
+        ));
+    }
     // What to connect to, on stdout: the default export, and how to list the others.
     println!("{uri}");
     report::info(format!(

@@ -11,7 +11,7 @@ use crate::report;
 use crate::serve::catalog::MAX_PAYLOAD;
 use crate::serve::handshake::Session;
 use crate::serve::proto::*;
-use crate::serve::reads::{self, Piece};
+use crate::serve::reads::Piece;
 use std::fs::File;
 use std::io::{BufReader, IoSlice, Read, Write};
 use std::ops::Range;
@@ -195,6 +195,15 @@ pub fn serve(socket: &Socket, session: &Session, shared: &Shared) -> std::io::Re
         }
         c.work();
     });
+    // A client that leaves without flushing still has its writes kept.
+    if let Some(o) = &session.export.overlay {
+        if let Err(e) = o.flush() {
+            report::error(format!(
+                "{}: flushing at disconnect failed: {e}",
+                o.path().display()
+            ));
+        }
+    }
     match c.error.into_inner().unwrap_or_else(|e| e.into_inner()) {
         Some(e) => Err(e),
         None => Ok(()),
@@ -204,6 +213,8 @@ pub fn serve(socket: &Socket, session: &Session, shared: &Shared) -> std::io::Re
 /// What a worker does with a request it read.
 enum Next {
     Answer(Request),
+    /// A write to the overlay and its payload (which holds budget).
+    Write(Request, Vec<u8>),
     Reply(Frame),
     End,
 }
@@ -220,6 +231,12 @@ impl Connection<'_> {
             };
             let frame = match next {
                 Ok(Next::Answer(req)) => self.answer(&req),
+                Ok(Next::Write(req, payload)) => {
+                    let f = self.change(&req, Some(&payload));
+                    self.shared.give_back(payload);
+                    self.shared.budget.give(req.length as u64);
+                    Some(f)
+                }
                 Ok(Next::Reply(f)) => Some(f),
                 Ok(Next::End) => {
                     self.closing.store(true, Ordering::Release);
@@ -265,26 +282,42 @@ impl Connection<'_> {
             ));
         };
         let s = self.session;
+        let writable = s.export.writable();
         Ok(match req.kind {
             CMD_DISC => Next::End,
             CMD_WRITE => {
-                // Read-only: the payload is read and dropped, the write refused.
                 if req.length > MAX_DISCARD {
                     return Err(std::io::Error::new(
                         std::io::ErrorKind::InvalidData,
                         "write payload over 64 MiB",
                     ));
                 }
-                let got = std::io::copy(&mut rd.take(req.length as u64), &mut std::io::sink())?;
-                if got < req.length as u64 {
-                    return Ok(Next::End);
-                }
-                let e = if req.length > MAX_PAYLOAD {
-                    EOVERFLOW
+                let refused = if !writable {
+                    Some((EPERM, "the export is read-only"))
+                } else if req.length > MAX_PAYLOAD {
+                    Some((EOVERFLOW, "write longer than the maximum (32 MiB)"))
                 } else {
-                    EPERM
+                    refuse(&req, s)
                 };
-                Next::Reply(error_frame(s, req.cookie, e, "the export is read-only"))
+                if let Some((e, msg)) = refused {
+                    // The payload is read and dropped: the next request follows it.
+                    let got = std::io::copy(&mut rd.take(req.length as u64), &mut std::io::sink())?;
+                    if got < req.length as u64 {
+                        return Ok(Next::End);
+                    }
+                    return Ok(Next::Reply(error_frame(s, req.cookie, e, msg)));
+                }
+                self.shared.budget.take(req.length as u64);
+                let mut payload = self.shared.buffer(req.length as usize);
+                if let Err(e) = rd.read_exact(&mut payload) {
+                    self.shared.give_back(payload);
+                    self.shared.budget.give(req.length as u64);
+                    return match e.kind() {
+                        std::io::ErrorKind::UnexpectedEof => Ok(Next::End),
+                        _ => Err(e),
+                    };
+                }
+                Next::Write(req, payload)
             }
             CMD_READ | CMD_BLOCK_STATUS => match refuse(&req, s) {
                 Some((e, msg)) => Next::Reply(error_frame(s, req.cookie, e, msg)),
@@ -292,15 +325,16 @@ impl Connection<'_> {
             },
             CMD_FLUSH | CMD_CACHE => match refuse(&req, s) {
                 Some((e, msg)) => Next::Reply(error_frame(s, req.cookie, e, msg)),
-                None => {
-                    let mut out = Vec::with_capacity(16);
-                    simple_reply(&mut out, 0, req.cookie);
-                    Next::Reply(Frame::plain(out))
-                }
+                None if writable && req.kind == CMD_FLUSH => Next::Answer(req),
+                None => Next::Reply(ok_frame(req.cookie)),
             },
-            CMD_TRIM | CMD_WRITE_ZEROES => {
+            CMD_TRIM | CMD_WRITE_ZEROES if !writable => {
                 Next::Reply(error_frame(s, req.cookie, EPERM, "the export is read-only"))
             }
+            CMD_TRIM | CMD_WRITE_ZEROES => match refuse(&req, s) {
+                Some((e, msg)) => Next::Reply(error_frame(s, req.cookie, e, msg)),
+                None => Next::Answer(req),
+            },
             _ => Next::Reply(error_frame(s, req.cookie, EINVAL, "unknown command")),
         })
     }
@@ -308,8 +342,10 @@ impl Connection<'_> {
     /// Answers a read or a block status request: the reply is written before the budget
     /// its data took is given back.
     fn answer(&self, req: &Request) -> Option<Frame> {
-        if req.kind != CMD_READ {
-            return Some(status_frame(self.session, req));
+        match req.kind {
+            CMD_READ => {}
+            CMD_BLOCK_STATUS => return Some(status_frame(self.session, req)),
+            _ => return Some(self.change(req, None)),
         }
         let bytes = req.length as u64;
         self.shared.budget.take(bytes);
@@ -335,6 +371,68 @@ impl Connection<'_> {
         let mut out = self.replies.lock().unwrap_or_else(|e| e.into_inner());
         write_all_vectored(&mut *out, &mut slices)
     }
+}
+
+impl Connection<'_> {
+    /// A change to the overlay (write, zeroes, trim) or a flush; with FUA the change is
+    /// flushed before the reply.
+    fn change(&self, req: &Request, payload: Option<&[u8]>) -> Frame {
+        let s = self.session;
+        let Some(overlay) = &s.export.overlay else {
+            return error_frame(s, req.cookie, EPERM, "the export is read-only");
+        };
+        let chain = &s.export.chain;
+        let (off, len) = (req.offset, req.length as u64);
+        let done = match req.kind {
+            CMD_WRITE => overlay.write(chain, off, payload.unwrap_or_default()),
+            CMD_WRITE_ZEROES => {
+                overlay.write_zeroes(chain, off, len, req.flags & CMD_FLAG_NO_HOLE == 0)
+            }
+            CMD_TRIM => overlay.trim(off, len),
+            _ => Ok(()),
+        };
+        let fua = req.flags & CMD_FLAG_FUA != 0 || req.kind == CMD_FLUSH;
+        match done.and_then(|()| if fua { overlay.flush() } else { Ok(()) }) {
+            Ok(()) => ok_frame(req.cookie),
+            Err(e) => {
+                let msg = format!(
+                    "export {}: {} of {len} bytes at {off} into the overlay {} failed: {e}",
+                    s.export.name,
+                    command_name(req.kind),
+                    overlay.path().display()
+                );
+                report::error(&msg);
+                error_frame(s, req.cookie, errno_of(&e), &msg)
+            }
+        }
+    }
+}
+
+fn command_name(kind: u16) -> &'static str {
+    match kind {
+        CMD_WRITE => "write",
+        CMD_WRITE_ZEROES => "zeroing",
+        CMD_TRIM => "trim",
+        _ => "flush",
+    }
+}
+
+/// The errno a failed change answers: ENOSPC when the overlay's filesystem is full.
+fn errno_of(e: &qcow2::Error) -> u32 {
+    match e {
+        qcow2::Error::Io { cause, .. } | qcow2::Error::File { cause, .. }
+            if cause.raw_os_error() == Some(libc::ENOSPC) =>
+        {
+            ENOSPC
+        }
+        _ => EIO,
+    }
+}
+
+fn ok_frame(cookie: u64) -> Frame {
+    let mut out = Vec::with_capacity(16);
+    simple_reply(&mut out, 0, cookie);
+    Frame::plain(out)
 }
 
 /// `write_all` for a list of slices.
@@ -366,6 +464,7 @@ fn refuse(req: &Request, s: &Session) -> Option<(u32, &'static str)> {
     let allowed = match req.kind {
         CMD_READ => CMD_FLAG_DF | CMD_FLAG_FUA,
         CMD_BLOCK_STATUS => CMD_FLAG_REQ_ONE,
+        CMD_WRITE_ZEROES => CMD_FLAG_FUA | CMD_FLAG_NO_HOLE,
         _ => CMD_FLAG_FUA,
     };
     if req.flags & !allowed != 0 {
@@ -400,7 +499,7 @@ fn read_frame(s: &Session, req: &Request, shared: &Shared) -> Frame {
     let df = req.flags & CMD_FLAG_DF != 0;
     let fill = !s.structured || df;
     let mut data = shared.buffer(len);
-    let pieces = match reads::read(&s.export.chain, req.offset, &mut data, fill) {
+    let pieces = match s.export.read(req.offset, &mut data, fill) {
         Ok(p) => p,
         Err(e) => {
             shared.give_back(data);
@@ -469,7 +568,10 @@ fn status_frame(s: &Session, req: &Request) -> Frame {
     let mut out = Vec::new();
     let last = s.contexts.len().saturating_sub(1);
     for (i, &(id, ctx)) in s.contexts.iter().enumerate() {
-        match reads::block_status(&s.export.chain, ctx, req.offset, req.length as u64, one) {
+        match s
+            .export
+            .block_status(ctx, req.offset, req.length as u64, one)
+        {
             Ok(extents) => {
                 let flags = if i == last { REPLY_FLAG_DONE } else { 0 };
                 chunk_block_status(&mut out, flags, req.cookie, id, &extents);

@@ -110,6 +110,18 @@ impl Qcow2 {
         self.geometry
     }
 
+    /// The data of the header extension `kind` that this crate does not interpret (an
+    /// application's own record, kept byte for byte by QEMU and by us), if the image has
+    /// one.
+    pub fn app_extension(&self, kind: u32) -> Option<&[u8]> {
+        self.header.extensions.iter().find_map(|e| match e {
+            crate::format::header::Extension::Unknown { kind: k, data } if *k == kind => {
+                Some(data.as_slice())
+            }
+            _ => None,
+        })
+    }
+
     pub fn storage(&self) -> &Arc<dyn Storage> {
         &self.storage
     }

@@ -388,3 +388,25 @@ fn growing_with_a_zeroed_tail_hides_what_a_shrink_left_in_the_last_cluster() {
     img.header.size = 68 * K;
     assert_eq!(img.grow_zeroing_tail(256 * K).unwrap(), None);
 }
+
+#[test]
+fn an_application_extension_survives_a_reopen_and_is_replaced_in_place() {
+    let (mut img, s) = mem_image(4 * M, 64 * K, false);
+    const KIND: u32 = 0x716d_7062;
+    img.set_app_extension(KIND, b"first".to_vec()).unwrap();
+    img.write_at(&[1u8; 512], 0, None).unwrap();
+    img.set_app_extension(KIND, b"second record".to_vec())
+        .unwrap();
+    let img = reopen_checked(img, s);
+    assert_eq!(img.app_extension(KIND), Some(&b"second record"[..]));
+    assert_eq!(img.app_extension(KIND + 1), None);
+    let mut img = img;
+    img.make_writable().unwrap();
+    // Extensions qcow2 defines are not for applications.
+    assert!(img
+        .set_app_extension(crate::format::header::EXT_BITMAPS, vec![])
+        .is_err());
+    // Nor one that would not fit the header cluster.
+    assert!(img.set_app_extension(KIND, vec![0; 70_000]).is_err());
+    assert_eq!(img.app_extension(KIND), Some(&b"second record"[..]));
+}

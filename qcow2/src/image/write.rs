@@ -735,6 +735,36 @@ impl Qcow2 {
         Ok(())
     }
 
+    /// Sets the header extension `kind` (one this crate does not interpret; see
+    /// [`Qcow2::app_extension`]) to `data`, replacing it if present. Written with the
+    /// header at the next flush; refused when the header would not fit its cluster.
+    pub fn set_app_extension(&mut self, kind: u32, data: Vec<u8>) -> Result<()> {
+        use crate::format::header::Extension;
+        let known = [
+            header::EXT_BACKING_FORMAT,
+            header::EXT_FEATURE_TABLE,
+            header::EXT_BITMAPS,
+            header::EXT_DATA_FILE,
+            header::EXT_CRYPTO,
+            0,
+        ];
+        if known.contains(&kind) {
+            return Err(Error::usage(
+                &self.path,
+                format!("header extension {kind:#010x} is one qcow2 defines"),
+            ));
+        }
+        self.rw()?;
+        let mut h = self.header.clone();
+        h.extensions
+            .retain(|e| !matches!(e, Extension::Unknown { kind: k, .. } if *k == kind));
+        h.extensions.push(Extension::Unknown { kind, data });
+        h.encode().map_err(|e| Error::invalid(&self.path, e.0))?;
+        self.header = h;
+        self.rw()?.header_dirty = true;
+        Ok(())
+    }
+
     /// Flushes everything (end of a command).
     pub fn flush(&mut self) -> Result<()> {
         if self.rw.is_some() {
