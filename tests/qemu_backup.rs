@@ -111,6 +111,8 @@ struct Vm {
     /// One model per disk: its guest content as the test knows it.
     models: Vec<Vec<u8>>,
     mon: Option<Arc<Mutex<Monitor>>>,
+    /// Where QEMU's stdout goes (HMP qemu-io prints there in QEMU 10); None: nowhere.
+    stdout: Option<PathBuf>,
 }
 
 impl Drop for Vm {
@@ -288,6 +290,7 @@ impl Vm {
             disks,
             models,
             mon: None,
+            stdout: None,
         };
         vm.start();
         vm
@@ -319,7 +322,10 @@ impl Vm {
         ))
         .args(&self.args)
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
+        .stdout(match &self.stdout {
+            Some(p) => Stdio::from(std::fs::File::create(p).unwrap()),
+            None => Stdio::null(),
+        })
         .stderr(Stdio::null());
         self.child = Some(
             cmd.spawn()
@@ -1810,4 +1816,132 @@ fn a_backup_appends_a_point_while_the_directory_is_served() {
     assert!(server.read(&inc, tmp.path()).as_ref() == Some(&vm.models[0]));
     let full = files(&d, "FULL-").pop().unwrap();
     assert!(server.read(&full, tmp.path()) == Some(full_model));
+}
+
+/// Instant recovery with stock QEMU: a new VM's disk is a local qcow2 whose backing file is
+/// the served point; the VM reads through it at once, writes locally, and `block-stream`
+/// pulls the rest in while it runs. Afterwards the local image stands alone and equals the
+/// point plus the VM's writes, with the server gone.
+#[test]
+fn instant_recovery_streams_a_served_point_into_a_local_image() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut vm = Vm::standard(tmp.path());
+    let t = tmp.path().join("bk");
+    let ts = t.display().to_string();
+    vm.write(0, 0, 3 * MIB, 0x71);
+    vm.write(0, 9 * MIB + 4096, 65536, 0x72);
+    backup_ok(&vm, &["backup", "-l", "full", "-t", &ts, "-i", "vblk1"]);
+    vm.write(0, MIB, 128 * 1024, 0x73);
+    vm.zero(0, 2 * MIB, MIB);
+    backup_ok(&vm, &["backup", "-l", "inc", "-t", &ts, "-i", "vblk1"]);
+    let point = vm.models[0].clone();
+    vm.quit();
+    drop(vm);
+
+    let sock = tmp.path().join("recover.sock");
+    let server = Serving::start(&t.join("d1.qcow2"), sock.clone());
+    let local = tmp.path().join("recovered.qcow2");
+    let backing = format!("nbd+unix:///?socket={}", sock.display());
+    sh(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-F",
+            "raw",
+            "-b",
+            &backing,
+            local.to_str().unwrap(),
+        ],
+    );
+    let d = tmp.path().join("rec");
+    std::fs::create_dir(&d).unwrap();
+    let log = d.join("stdout.log");
+    let mut rec = Vm {
+        dir: d.clone(),
+        child: None,
+        args: vec![
+            "-blockdev".into(),
+            format!(
+                "driver=qcow2,node-name=rec,file.driver=file,file.filename={}",
+                local.display()
+            ),
+            "-device".into(),
+            "virtio-blk-pci,drive=rec,id=vrec".into(),
+        ],
+        disks: vec![DiskSpec {
+            qdev: "/machine/peripheral/vrec/virtio-backend".into(),
+            file: local.display().to_string(),
+        }],
+        models: vec![point.clone()],
+        mon: None,
+        stdout: Some(log.clone()),
+    };
+    rec.start();
+    // Reads through the device see the point at once (patterns checked by qemu-io).
+    let mut replies = String::new();
+    for (off, len, p) in [
+        (0u64, MIB, 0x71u8),
+        (MIB, 128 * 1024, 0x73),
+        (2 * MIB, MIB, 0),
+        (9 * MIB + 4096, 65536, 0x72),
+        (12 * MIB, MIB, 0),
+    ] {
+        replies += &rec.mon().hmp(&format!(
+            "qemu-io -d /machine/peripheral/vrec/virtio-backend \"read -P {p} {off} {len}\""
+        ));
+    }
+    // The VM writes while the stream runs: the writes stay local.
+    rec.write(0, 5 * MIB + 512, 8192, 0x74);
+    rec.mon().cmd(
+        "block-stream",
+        json!({"job-id": "recover", "device": "rec"}),
+    );
+    rec.write(0, 100, 4096, 0x75);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let jobs = rec.mon().cmd("query-block-jobs", json!({}));
+        if jobs.as_array().unwrap().is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "block-stream did not finish: {jobs}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The server goes; the VM runs on.
+    drop(server);
+    rec.write(0, 7 * MIB, 4096, 0x76);
+    replies += &rec
+        .mon()
+        .hmp("qemu-io -d /machine/peripheral/vrec/virtio-backend \"read -P 113 0 100\"");
+    rec.quit();
+    let printed = std::fs::read_to_string(&log).unwrap_or_default() + &replies;
+    assert!(
+        !printed.contains("Pattern verification failed") && !printed.contains("error"),
+        "{printed}"
+    );
+    assert!(
+        printed.matches("bytes at offset").count() >= 6,
+        "the reads did not report: {printed}"
+    );
+    let info = sh("qemu-img", &["info", "-U", local.to_str().unwrap()]);
+    assert!(!info.contains("backing file"), "still backed: {info}");
+    let model = tmp.path().join("recovered.model");
+    std::fs::write(&model, &rec.models[0]).unwrap();
+    let out = Command::new("qemu-img")
+        .args(["compare", "-f", "qcow2", "-F", "raw"])
+        .arg(&local)
+        .arg(&model)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "the recovered image differs from the point plus the VM's writes: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    sh("qemu-img", &["check", local.to_str().unwrap()]);
 }
