@@ -192,7 +192,7 @@ fn disks_sharing_a_base_name_get_stable_directories() {
             .unwrap()
             .flatten()
             .map(|e| e.file_name().into_string().unwrap())
-            .filter(|n| !n.ends_with(".manifest") && !n.ends_with(".config"))
+            .filter(|n| !n.starts_with('.') && !n.ends_with(".manifest") && !n.ends_with(".config"))
             .collect();
         assert_eq!(names.len(), 2, "{d}: {names:?}");
         assert!(names

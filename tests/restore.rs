@@ -135,7 +135,11 @@ fn digest(dir: &Path) -> Vec<(String, Vec<u8>)> {
     let mut v: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap())
-        .filter(|e| !e.file_name().to_string_lossy().starts_with("model"))
+        .filter(|e| {
+            // The lock files every command takes stay (empty); they are not backups.
+            let n = e.file_name().to_string_lossy().into_owned();
+            !n.starts_with("model") && n != ".lock" && n != ".append.lock"
+        })
         .map(|e| {
             (
                 e.file_name().to_string_lossy().into_owned(),

@@ -1292,3 +1292,53 @@ fn an_overlay_killed_mid_write_is_readable_with_at_most_leaks() {
         b.points.last().unwrap().1.len() as u64
     );
 }
+
+/// A read-only bind mount, unmounted on drop.
+struct ReadOnlyView(PathBuf);
+
+impl Drop for ReadOnlyView {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn readers_run_without_a_lock_on_read_only_media() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: a read-only bind mount needs root");
+        return;
+    }
+    let b = backups(65536);
+    let ro = b._tmp.path().join("ro");
+    std::fs::create_dir(&ro).unwrap();
+    let bind = Command::new("mount")
+        .arg("--bind")
+        .arg(&b.dir)
+        .arg(&ro)
+        .status()
+        .unwrap();
+    if !bind.success() {
+        eprintln!("skipped: cannot bind-mount here");
+        return;
+    }
+    let _view = ReadOnlyView(ro.clone());
+    tool_ok("mount", &["-o", "remount,bind,ro", ro.to_str().unwrap()]);
+    let r = ro.to_str().unwrap();
+    let (code, out, err) = qmprestore(&["list", "--dir", r]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("FULL-1000-disk1.qcow2"), "{out}");
+    assert!(
+        err.contains("read-only: reading it without a lock"),
+        "{err}"
+    );
+    let s = Server::start(&ro, &[]);
+    let scratch = tempfile::tempdir().unwrap();
+    let (name, model) = &b.points[1];
+    assert_export_is(&s, name, model, scratch.path());
+    drop(s);
+    // A command that changes files cannot run there, and says why.
+    let (code, _, err) = qmprestore(&["commit", "--dir", r]);
+    assert_ne!(code, 0);
+    assert!(err.contains("cannot create the lock file"), "{err}");
+}

@@ -109,12 +109,19 @@ enum Command {
     /// manifest, a mismatch answers that read with EIO). The default export (empty name) is
     /// the newest point, or --until's; every point is also an export named by its backup
     /// file name (nbdinfo --list shows them). Runs in the foreground and prints the URI to
-    /// connect to; SIGINT/SIGTERM stop it after answering the requests in flight.
+    /// connect to; SIGINT/SIGTERM stop it after answering the requests in flight. With
+    /// --overlay the default export is writable and writes go into that file, never into
+    /// the backups. With --tls-cert/--tls-key clients must use TLS; --tls-ca makes them
+    /// present a certificate signed by that CA (do this when listening beyond this host).
+    /// Backups may add points while the directory is served (seen after a restart);
+    /// commit, rebase and snapshotrebase are refused while it is served.
     ///
     /// Examples:
     ///   qmprestore serve --dir /backup/vm1/disk1 --socket /run/disk1.nbd
     ///   qemu-img convert -O qcow2 'nbd+unix:///INC-1706260646-disk1.qcow2?socket=/run/disk1.nbd' copy.qcow2
     ///   nbdfuse /mnt/nbd/disk 'nbd+unix:///?socket=/run/disk1.nbd' & mount -o loop,ro /mnt/nbd/disk /mnt/disk1
+    ///   qmprestore serve --dir /backup/vm1/disk1 --socket /run/disk1.nbd --overlay /var/lib/vm1/changes.qcow2
+    ///   qmprestore serve --dir /backup/vm1/disk1 --listen 192.0.2.10:10809 --tls-cert cert.pem --tls-key key.pem --tls-ca ca.pem
     #[command(verbatim_doc_comment)]
     Serve(ServeOptions),
     /// List the chains in the directory with their points in time and sizes.

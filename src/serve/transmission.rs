@@ -292,10 +292,10 @@ impl Connection<'_> {
                         "write payload over 64 MiB",
                     ));
                 }
-                let refused = if !writable {
-                    Some((EPERM, "the export is read-only"))
-                } else if req.length > MAX_PAYLOAD {
+                let refused = if req.length > MAX_PAYLOAD {
                     Some((EOVERFLOW, "write longer than the maximum (32 MiB)"))
+                } else if !writable {
+                    Some((EPERM, "the export is read-only"))
                 } else {
                     refuse(&req, s)
                 };
