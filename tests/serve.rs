@@ -852,6 +852,22 @@ fn qmprestore(args: &[&str]) -> (i32, String, String) {
     tool(env!("CARGO_BIN_EXE_qmprestore"), args)
 }
 
+/// `qmprestore serve` of `dir` on `socket` with `extra`, which must fail to start: its
+/// stderr.
+fn serve_refused(dir: &Path, socket: &Path, extra: &[&str]) -> String {
+    let mut all = vec![
+        "serve",
+        "--dir",
+        dir.to_str().unwrap(),
+        "--socket",
+        socket.to_str().unwrap(),
+    ];
+    all.extend(extra);
+    let (code, _, err) = qmprestore(&all);
+    assert_ne!(code, 0, "serve {extra:?} started");
+    err
+}
+
 fn contents(dir: &Path) -> Vec<(String, Vec<u8>)> {
     let mut v: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
         .unwrap()
@@ -1054,7 +1070,6 @@ fn unusable_tls_files_are_refused_at_start_up() {
     let certs = b._tmp.path().join("certs");
     std::fs::create_dir(&certs).unwrap();
     certificates(&certs);
-    let d = b.dir.to_str().unwrap();
     let sock = b._tmp.path().join("x.sock");
     let c = |name: &str| certs.join(name).display().to_string();
     for (args, says) in [
@@ -1087,10 +1102,7 @@ fn unusable_tls_files_are_refused_at_start_up() {
         ),
         (vec!["--tls-cert", &c("server-cert.pem")], "--tls-key"),
     ] {
-        let mut all = vec!["serve", "--dir", d, "--socket", sock.to_str().unwrap()];
-        all.extend(args);
-        let (code, _, err) = tool(env!("CARGO_BIN_EXE_qmprestore"), &all);
-        assert_ne!(code, 0);
+        let err = serve_refused(&b.dir, &sock, &args);
         assert!(err.contains(says), "{says}: {err}");
     }
 }
@@ -1109,14 +1121,10 @@ fn qemu_io_nbd(uri: &str, cmds: &[String]) {
     );
 }
 
-fn sums(dir: &Path) -> Vec<(String, Vec<u8>)> {
-    contents(dir)
-}
-
 #[test]
 fn an_overlay_takes_writes_keeps_them_across_restarts_and_never_touches_the_backups() {
     let b = backups(65536);
-    let before = sums(&b.dir);
+    let before = contents(&b.dir);
     let scratch = b._tmp.path();
     let ov = scratch.join("overlay.qcow2");
     let ov_s = ov.to_str().unwrap();
@@ -1173,21 +1181,7 @@ fn an_overlay_takes_writes_keeps_them_across_restarts_and_never_touches_the_back
     // Another point with the same overlay is refused, naming the point it belongs to.
     let (older, _) = &b.points[1];
     let sock = scratch.join("other.sock");
-    let (code, _, err) = tool(
-        env!("CARGO_BIN_EXE_qmprestore"),
-        &[
-            "serve",
-            "--dir",
-            b.dir.to_str().unwrap(),
-            "--socket",
-            sock.to_str().unwrap(),
-            "--until",
-            older,
-            "--overlay",
-            ov_s,
-        ],
-    );
-    assert_ne!(code, 0);
+    let err = serve_refused(&b.dir, &sock, &["--until", older, "--overlay", ov_s]);
     assert!(
         err.contains("holds writes over another point") && err.contains(&newest),
         "{err}"
@@ -1205,24 +1199,12 @@ fn an_overlay_takes_writes_keeps_them_across_restarts_and_never_touches_the_back
             "10M",
         ],
     );
-    let (code, _, err) = tool(
-        env!("CARGO_BIN_EXE_qmprestore"),
-        &[
-            "serve",
-            "--dir",
-            b.dir.to_str().unwrap(),
-            "--socket",
-            sock.to_str().unwrap(),
-            "--overlay",
-            foreign.to_str().unwrap(),
-        ],
-    );
-    assert_ne!(code, 0);
+    let err = serve_refused(&b.dir, &sock, &["--overlay", foreign.to_str().unwrap()]);
     assert!(
         err.contains("not made by `qmprestore serve --overlay`"),
         "{err}"
     );
-    assert!(sums(&b.dir) == before, "the backups changed");
+    assert!(contents(&b.dir) == before, "the backups changed");
 }
 
 #[test]

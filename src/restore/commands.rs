@@ -7,7 +7,7 @@ use crate::store::chain::BackupChain;
 use crate::store::disk_dir::DiskDir;
 use crate::store::file::BackupFile;
 use crate::store::level::BackupLevel;
-use crate::store::lock::{DirLock, LockMode};
+use crate::store::lock::{self, DirLock, LockMode};
 use crate::store::manifest;
 use crate::store::manifest::check::ManifestCheck;
 use crate::store::manifest::edit::{self, FullEdit};
@@ -58,16 +58,9 @@ fn open_alone(f: &BackupFile) -> Result<qcow2::Chain> {
 }
 
 /// Locks the backup directory: `Exclusive` for a command that changes its files in place,
-/// `Shared` for one that reads them. The directory is opened as the scan would read it,
-/// with the scan's message when it cannot.
-pub fn lock_dir(c: &Common, mode: LockMode) -> Result<DirLock> {
-    let dir = Dir::open(&c.source.dir).with_context(|| {
-        format!(
-            "{}: cannot read the backup directory",
-            c.source.dir.display()
-        )
-    })?;
-    DirLock::acquire(&dir, mode)
+/// `Shared` for one that reads them.
+fn lock_dir(c: &Common, mode: LockMode) -> Result<DirLock> {
+    lock::lock_dir(&c.source.dir, mode)
 }
 
 /// Stale COPIED flags (what an interrupted snapshot operation leaves, as QEMU's does) do not
@@ -487,7 +480,7 @@ pub fn merge(c: &Common, target: &Path, share_blocks: bool, rate_limit: u64) -> 
             )
         },
     )?;
-    let uuid = manifest::read_manifest(&chain.full.path)?.and_then(|m| m.uuid);
+    let uuid = chain.uuid()?;
     manifest::write_manifest_runs(
         target,
         uuid.as_deref(),

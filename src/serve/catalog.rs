@@ -11,7 +11,6 @@ use crate::serve::reads::{self, Context, Piece};
 use crate::store::chain::BackupChain;
 use crate::store::disk_dir::DiskDir;
 use crate::store::file::BackupFile;
-use crate::store::manifest;
 use anyhow::{Context as _, Result};
 use qcow2::Chain;
 use std::path::{Path, PathBuf};
@@ -172,7 +171,7 @@ impl Catalog {
         let export = match (&self.overlay, name.is_empty()) {
             (Some(path), true) => self
                 .writable
-                .get_or_init(|| self.opened(p, open_point(p, &self.checks, Some(path))))
+                .get_or_init(|| opened(p, open_point(p, &self.checks, Some(path))))
                 .clone(),
             _ => self.open(p),
         };
@@ -183,27 +182,27 @@ impl Catalog {
     /// message for the client and the log.
     pub fn open(&self, p: &Point) -> std::result::Result<Arc<Export>, String> {
         p.opened
-            .get_or_init(|| self.opened(p, open_point(p, &self.checks, None)))
+            .get_or_init(|| opened(p, open_point(p, &self.checks, None)))
             .clone()
     }
+}
 
-    /// Logs the outcome of opening `p`.
-    fn opened(&self, p: &Point, r: Result<Export>) -> std::result::Result<Arc<Export>, String> {
-        match r {
-            Ok(e) => {
-                report::info(format!(
-                    "export {}: opened ({} file(s), {} bytes)",
-                    p.file.name,
-                    p.chain.files().len(),
-                    e.size
-                ));
-                Ok(Arc::new(e))
-            }
-            Err(e) => {
-                let msg = format!("{}: cannot be served: {e:#}", p.file.name);
-                report::error(&msg);
-                Err(msg)
-            }
+/// Logs the outcome of opening `p`; the error becomes a message for the client.
+fn opened(p: &Point, r: Result<Export>) -> std::result::Result<Arc<Export>, String> {
+    match r {
+        Ok(e) => {
+            report::info(format!(
+                "export {}: opened ({} file(s), {} bytes)",
+                p.file.name,
+                p.chain.files().len(),
+                e.size
+            ));
+            Ok(Arc::new(e))
+        }
+        Err(e) => {
+            let msg = format!("{}: cannot be served: {e:#}", p.file.name);
+            report::error(&msg);
+            Err(msg)
         }
     }
 }
@@ -233,7 +232,7 @@ fn open_point(p: &Point, checks: &CheckOptions, overlay: Option<&Path>) -> Resul
         Some(path) => {
             // The chain is named by its uuid and the point by its time: a file name may
             // change (prune renames a FULL it folds INCs into).
-            let uuid = manifest::read_manifest(&p.chain.full.path)?.and_then(|m| m.uuid);
+            let uuid = p.chain.uuid()?;
             let record = Record::new(uuid, p.file.timestamp, &p.file.name, chain.virtual_size());
             Some(Overlay::open(path, &record)?)
         }

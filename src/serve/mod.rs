@@ -6,6 +6,8 @@
 //! - `catalog`: the points and how they are opened;
 //! - `handshake`: the fixed-newstyle option haggling;
 //! - `transmission`: requests and replies (the worker threads);
+//! - `overlay`: the default export's writable overlay (`--overlay`);
+//! - `tls`: the TLS acceptor and the pump between TLS and the workers;
 //! - `reads`: what a read or a block status resolves to in a chain;
 //! - `proto`: the wire format.
 
@@ -17,10 +19,9 @@ pub mod reads;
 pub mod tls;
 pub mod transmission;
 
-use crate::fsutil::Dir;
 use crate::report;
 use crate::restore::options::CheckOptions;
-use crate::store::lock::{DirLock, LockMode};
+use crate::store::lock::{lock_dir, LockMode};
 use anyhow::{bail, Context, Result};
 use catalog::Catalog;
 use handshake::{greet, Negotiation, Outcome, Session, Tls};
@@ -85,9 +86,7 @@ pub fn serve(opts: &ServeOptions, checks: CheckOptions) -> Result<()> {
         bail!("--max-connections must be at least 1");
     }
     // Held while serving: a backup may add points meanwhile, nothing may rewrite them.
-    let dir = Dir::open(&opts.dir)
-        .with_context(|| format!("{}: cannot read the backup directory", opts.dir.display()))?;
-    let _lock = DirLock::acquire(&dir, LockMode::Shared)?;
+    let _lock = lock_dir(&opts.dir, LockMode::Shared)?;
     let tls = match (&opts.tls_cert, &opts.tls_key) {
         (Some(cert), Some(key)) => Some(tls::acceptor(cert, key, opts.tls_ca.as_deref())?),
         _ => None,
@@ -289,9 +288,9 @@ impl IntoFd for tokio::net::TcpStream {
     }
 }
 
-/// One client: handshake (within a time limit; with TLS when the server has it), then
-/// transmission on worker threads of its own. A TLS connection's workers talk to a socket
-/// pair whose other end a task carries through TLS.
+/// One client: handshake (within [`HANDSHAKE_TIMEOUT`], TLS included when the server has
+/// it), then transmission on worker threads of its own. A TLS connection's workers talk to
+/// a socket pair whose other end a task carries through TLS.
 async fn connection<S: IntoFd>(
     mut s: S,
     catalog: &Catalog,
@@ -299,27 +298,37 @@ async fn connection<S: IntoFd>(
     shared: Arc<Shared>,
     stop: tokio::sync::watch::Receiver<bool>,
 ) -> std::io::Result<()> {
-    let Some(tls) = tls else {
-        let Some((Some(session), _)) = handshake(&mut s, catalog, Tls::Off).await? else {
-            return Ok(());
-        };
-        return transmit(Socket::new(s.into_fd()?)?, session, shared, stop).await;
-    };
     let deadline = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
-    let Some((_, negotiation)) = handshake(&mut s, catalog, Tls::Required).await? else {
+    let Some(flags) = in_time(deadline, greet(&mut s)).await? else {
         return Ok(());
     };
-    let mut secure = match tokio::time::timeout_at(deadline, tls.accept(s)).await {
-        Ok(Ok(secure)) => secure,
-        Ok(Err(e)) => {
-            // Worth the operator's eye: a wrong certificate on either side.
-            report::warn(format!("a client failed the TLS handshake: {e}"));
-            return Ok(());
+    let required = if tls.is_some() {
+        Tls::Required
+    } else {
+        Tls::Off
+    };
+    let mut n = Negotiation::new(catalog, flags, required);
+    let (session, secure) = match (in_time(deadline, n.run(&mut s)).await?, tls) {
+        (Outcome::Transmission(session), _) => {
+            return transmit(Socket::new(s.into_fd()?)?, session, shared, stop).await;
         }
-        Err(_) => return Err(timed_out()),
-    };
-    let Some(session) = resume(&mut secure, negotiation, deadline).await? else {
-        return Ok(());
+        (Outcome::StartTls, Some(tls)) => {
+            let mut secure = match in_time(deadline, tls.accept(s)).await {
+                Ok(secure) => secure,
+                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => return Err(e),
+                Err(e) => {
+                    // Worth the operator's eye: a wrong certificate on either side.
+                    report::warn(format!("a client failed the TLS handshake: {e}"));
+                    return Ok(());
+                }
+            };
+            n.tls = Tls::Active;
+            match in_time(deadline, n.run(&mut secure)).await? {
+                Outcome::Transmission(session) => (session, secure),
+                _ => return Ok(()),
+            }
+        }
+        _ => return Ok(()),
     };
     let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
     theirs.set_nonblocking(true)?;
@@ -350,45 +359,12 @@ async fn transmit(
     done.unwrap_or_else(|e| Err(std::io::Error::other(e)))
 }
 
-fn timed_out() -> std::io::Error {
-    std::io::Error::new(std::io::ErrorKind::TimedOut, "handshake timed out")
-}
-
-/// The handshake, within [`HANDSHAKE_TIMEOUT`]: the session, or None when the client
-/// left. With `Tls::Required` it ends at STARTTLS (the session is then None) and the
-/// negotiation is returned to go on over TLS with [`resume`].
-async fn handshake<'a, S: AsyncRead + AsyncWrite + Unpin>(
-    s: &mut S,
-    catalog: &'a Catalog,
-    tls: Tls,
-) -> std::io::Result<Option<(Option<Session>, Negotiation<'a>)>> {
-    tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
-        let Some(flags) = greet(s).await? else {
-            return Ok(None);
-        };
-        let mut n = Negotiation::new(catalog, flags, tls);
-        Ok(match n.run(s).await? {
-            Outcome::Transmission(session) => Some((Some(session), n)),
-            Outcome::StartTls => Some((None, n)),
-            Outcome::Closed => None,
-        })
-    })
-    .await
-    .map_err(|_| timed_out())?
-}
-
-/// The options after STARTTLS, over the TLS stream, until `deadline`.
-async fn resume<S: AsyncRead + AsyncWrite + Unpin>(
-    s: &mut S,
-    mut n: Negotiation<'_>,
+/// A step of the handshake, which must be over by `deadline`.
+async fn in_time<T>(
     deadline: tokio::time::Instant,
-) -> std::io::Result<Option<Session>> {
-    n.tls = Tls::Active;
-    tokio::time::timeout_at(deadline, n.run(s))
+    step: impl std::future::Future<Output = std::io::Result<T>>,
+) -> std::io::Result<T> {
+    tokio::time::timeout_at(deadline, step)
         .await
-        .map_err(|_| timed_out())?
-        .map(|o| match o {
-            Outcome::Transmission(session) => Some(session),
-            _ => None,
-        })
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "handshake timed out"))?
 }

@@ -266,8 +266,8 @@ impl Connection<'_> {
         }
     }
 
-    /// Reads the next request (and a write's payload, which is dropped). Requests answered
-    /// without any reading are answered here, in order.
+    /// Reads the next request and a write's payload (kept for the overlay, dropped when the
+    /// write is refused). Requests answered without any reading are answered here, in order.
     fn next(&self, rd: &mut BufReader<File>) -> std::io::Result<Next> {
         let mut head = [0u8; REQUEST_LEN];
         match rd.read_exact(&mut head) {
@@ -339,8 +339,8 @@ impl Connection<'_> {
         })
     }
 
-    /// Answers a read or a block status request: the reply is written before the budget
-    /// its data took is given back.
+    /// Answers a read (its reply is written here, before the budget its data took is given
+    /// back), a block status request, or a change to the overlay.
     fn answer(&self, req: &Request) -> Option<Frame> {
         match req.kind {
             CMD_READ => {}

@@ -1,6 +1,7 @@
 //! A backup chain: a FULL and the INCs after it, in order.
 
 use crate::store::file::BackupFile;
+use crate::store::manifest::read_manifest;
 use anyhow::{bail, Result};
 use serde::Serialize;
 
@@ -11,6 +12,11 @@ pub struct BackupChain {
 }
 
 impl BackupChain {
+    /// The chain's bitmap uuid, as its FULL's manifest records it (None without one).
+    pub fn uuid(&self) -> Result<Option<String>> {
+        Ok(read_manifest(&self.full.path)?.and_then(|m| m.uuid))
+    }
+
     /// FULL first, then the INCs.
     pub fn files(&self) -> Vec<&BackupFile> {
         std::iter::once(&self.full)

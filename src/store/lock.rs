@@ -28,6 +28,7 @@ use anyhow::{anyhow, Context, Result};
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
+use std::path::Path;
 
 /// What a command does to a directory, which decides whom it coexists with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,7 +45,7 @@ pub enum LockMode {
 /// taken on read-only media.
 #[derive(Debug)]
 pub struct DirLock {
-    _held: Vec<File>,
+    held: Vec<File>,
 }
 
 impl DirLock {
@@ -68,7 +69,7 @@ impl DirLock {
                     "{} is read-only: reading it without a lock (a command changing it meanwhile would go unnoticed)",
                     dir.path().display()
                 ));
-                return Ok(DirLock { _held: Vec::new() });
+                return Ok(DirLock { held: Vec::new() });
             };
             // SAFETY: flock on a descriptor we own.
             if unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) } < 0 {
@@ -81,13 +82,20 @@ impl DirLock {
             }
             held.push(file);
         }
-        Ok(DirLock { _held: held })
+        Ok(DirLock { held })
     }
 
     /// Whether a lock is held (false on read-only media).
     pub fn is_held(&self) -> bool {
-        !self._held.is_empty()
+        !self.held.is_empty()
     }
+}
+
+/// Opens the backup directory `path` and takes `mode`'s lock of it.
+pub fn lock_dir(path: &Path, mode: LockMode) -> Result<DirLock> {
+    let dir = Dir::open(path)
+        .with_context(|| format!("{}: cannot read the backup directory", path.display()))?;
+    DirLock::acquire(&dir, mode)
 }
 
 /// The refusal: who holds the lock in the way and what to do.
