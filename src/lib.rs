@@ -9,6 +9,7 @@ pub mod backup;
 pub mod fsutil;
 pub mod humanize;
 pub mod image_text;
+pub mod progress;
 pub mod qmp;
 pub mod report;
 pub mod restore;

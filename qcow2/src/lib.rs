@@ -13,6 +13,7 @@ pub mod chain;
 pub mod check;
 pub mod compress;
 pub mod create;
+pub mod device;
 pub mod error;
 pub mod format;
 pub mod fuzzing;

@@ -30,6 +30,24 @@ pub trait Storage: Send + Sync {
     fn as_file(&self) -> Option<&File> {
         None
     }
+    /// Makes `[offset, offset+len)` read as zeros. Storage that can do better than writing
+    /// zero buffers (a hole punched in a file, BLKZEROOUT on a device) does.
+    fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        write_zeros(self, offset, len)
+    }
+}
+
+/// Writes `len` zero bytes at `offset`, a mebibyte at a time.
+pub fn write_zeros<S: Storage + ?Sized>(s: &S, offset: u64, len: u64) -> io::Result<()> {
+    const CHUNK: u64 = 1 << 20;
+    let zeros = vec![0u8; CHUNK.min(len) as usize];
+    let mut done = 0;
+    while done < len {
+        let n = CHUNK.min(len - done);
+        s.write_at(&zeros[..n as usize], offset + done)?;
+        done += n;
+    }
+    Ok(())
 }
 
 /// How a [`clone_range`] ended.
@@ -103,10 +121,39 @@ pub fn kind_of(t: &std::fs::FileType) -> &'static str {
     }
 }
 
-/// A plain file, using positioned I/O so readers can share it.
+/// A plain file or a block device, using positioned I/O so readers can share it.
 pub struct FileStorage {
     file: File,
     writable: bool,
+    /// A block device's size (its length is not in its metadata); None for a file.
+    device_size: Option<u64>,
+}
+
+/// The size of the block device open as `file` (BLKGETSIZE64).
+pub fn block_device_size(file: &File) -> io::Result<u64> {
+    use std::os::unix::io::AsRawFd;
+    let mut size: u64 = 0;
+    // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which is valid for the call.
+    let rc = unsafe { libc::ioctl(file.as_raw_fd(), BLKGETSIZE64, &mut size) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(size)
+}
+
+/// `_IOR(0x12, 114, size_t)` and `_IO(0x12, 127)` (linux/fs.h), which libc does not export
+/// for every target.
+const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+const BLKZEROOUT: libc::c_ulong = 0x127f;
+
+/// The device size when `file` is a block device.
+fn device_size_of(file: &File) -> io::Result<Option<u64>> {
+    use std::os::unix::fs::FileTypeExt;
+    if file.metadata()?.file_type().is_block_device() {
+        Ok(Some(block_device_size(file)?))
+    } else {
+        Ok(None)
+    }
 }
 
 impl FileStorage {
@@ -137,7 +184,12 @@ impl FileStorage {
                 libc::fcntl(file.as_raw_fd(), libc::F_SETFL, fl & !libc::O_NONBLOCK);
             }
         }
-        Ok(FileStorage { file, writable })
+        let device_size = device_size_of(&file)?;
+        Ok(FileStorage {
+            file,
+            writable,
+            device_size,
+        })
     }
 
     /// Creates a new file; fails if anything exists at the path (a symlink included: it is
@@ -154,11 +206,23 @@ impl FileStorage {
         Ok(FileStorage {
             file,
             writable: true,
+            device_size: None,
         })
     }
 
-    pub fn from_file(file: File, writable: bool) -> Self {
-        FileStorage { file, writable }
+    /// Storage on a file opened by the caller (a block device's size is read here).
+    pub fn from_file(file: File, writable: bool) -> io::Result<Self> {
+        let device_size = device_size_of(&file)?;
+        Ok(FileStorage {
+            file,
+            writable,
+            device_size,
+        })
+    }
+
+    /// The block device's size, when this is one.
+    pub fn device_size(&self) -> Option<u64> {
+        self.device_size
     }
 
     pub fn file(&self) -> &File {
@@ -193,12 +257,23 @@ impl Storage for FileStorage {
     }
 
     fn len(&self) -> io::Result<u64> {
-        Ok(self.file.metadata()?.len())
+        match self.device_size {
+            Some(size) => Ok(size),
+            None => Ok(self.file.metadata()?.len()),
+        }
     }
 
+    /// A block device keeps its size: asking for no more than it holds is a no-op.
     fn set_len(&self, len: u64) -> io::Result<()> {
         fault::before_write()?;
-        self.file.set_len(len)
+        match self.device_size {
+            Some(size) if len <= size => Ok(()),
+            Some(size) => Err(io::Error::new(
+                io::ErrorKind::StorageFull,
+                format!("the device holds {size} bytes; {len} are needed"),
+            )),
+            None => self.file.set_len(len),
+        }
     }
 
     fn flush(&self) -> io::Result<()> {
@@ -231,6 +306,47 @@ impl Storage for FileStorage {
         // Punching holes is only an optimisation: a filesystem that cannot do it is fine.
         let _ = rc;
         Ok(())
+    }
+
+    /// A device: BLKZEROOUT (the device zeroes, or the kernel writes its zero page; no
+    /// buffers from here). A file: a hole punched, else the range zeroed by fallocate, else
+    /// zeros written.
+    fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        use std::os::unix::io::AsRawFd;
+        if len == 0 {
+            return Ok(());
+        }
+        fault::before_write()?;
+        let fd = self.file.as_raw_fd();
+        if self.device_size.is_some() {
+            let range: [u64; 2] = [offset, len];
+            // SAFETY: BLKZEROOUT reads two u64s through the pointer, valid for the call.
+            if unsafe { libc::ioctl(fd, BLKZEROOUT, &range) } == 0 {
+                return Ok(());
+            }
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EOPNOTSUPP) && e.raw_os_error() != Some(libc::ENOTTY)
+            {
+                return Err(e);
+            }
+            return write_zeros(self, offset, len);
+        }
+        for mode in [
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+        ] {
+            // SAFETY: fallocate on a valid fd with plain integer arguments.
+            let rc =
+                unsafe { libc::fallocate(fd, mode, offset as libc::off_t, len as libc::off_t) };
+            if rc == 0 {
+                return Ok(());
+            }
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EOPNOTSUPP) {
+                return Err(e);
+            }
+        }
+        write_zeros(self, offset, len)
     }
 }
 

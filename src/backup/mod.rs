@@ -625,13 +625,17 @@ fn create_image(dir: &Dir, path: &std::path::Path, opts: &CreateOptions) -> Resu
     let file = dir.create_new(&file_name_of(path)).with_context(what)?;
     let identity = fsutil::identity(&file).with_context(what)?;
     let display = path.display().to_string();
-    let made = init_qcow2(
-        std::sync::Arc::new(FileStorage::from_file(file, true)),
-        &display,
-        Some(dir.path()),
-        opts,
-    )
-    .and_then(|mut img| img.flush());
+    let made = FileStorage::from_file(file, true)
+        .map_err(|e| qcow2::Error::io(&display, "opening", 0, e))
+        .and_then(|storage| {
+            init_qcow2(
+                std::sync::Arc::new(storage),
+                &display,
+                Some(dir.path()),
+                opts,
+            )
+        })
+        .and_then(|mut img| img.flush());
     if let Err(e) = made {
         let _ = dir.remove(&file_name_of(path));
         return Err(anyhow::Error::new(e).context(what()));

@@ -3,6 +3,8 @@
 
 use clap::{Parser, Subcommand, ValueEnum};
 use qcow2::create::{self, parse_size, CreateOptions};
+use qcow2::device;
+use qcow2::ops::throttle::Throttle;
 use qcow2::ops::{commit, compare, convert, info, map, rebase};
 use qcow2::repair::{self, RepairMode};
 use qcow2::OpenRwOptions;
@@ -180,6 +182,16 @@ enum Command {
         /// Replace DST if it exists.
         #[arg(long)]
         force: bool,
+        /// Write over DST, an existing block device (LVM volume, zvol, RBD map) or file,
+        /// as qemu-img convert -n: refused when it is too small, mounted, held by another
+        /// block layer or O_EXCL opener, or open in a QEMU. Raw: what reads as zero is
+        /// zeroed by range (BLKZEROOUT, holes); a file is resized to the disk's size.
+        #[arg(short = 'n', long, conflicts_with = "force")]
+        in_place: bool,
+        /// With --in-place: DST is known to read as zeros (a fresh thin volume), so ranges
+        /// that read as zero are not zeroed.
+        #[arg(long, requires = "in_place")]
+        no_zero: bool,
         src: PathBuf,
         dst: PathBuf,
     },
@@ -372,6 +384,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             copy_offload,
             options,
             force,
+            in_place,
+            no_zero,
             src,
             dst,
         } => {
@@ -386,24 +400,49 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     if compress || copy_offload || options.is_some() {
                         anyhow::bail!("-c, -C and -o apply to qcow2 output only");
                     }
-                    convert::to_raw(&chain, &dst, force)?;
+                    if in_place {
+                        let target = device::open_in_place(&dst, chain.virtual_size())?;
+                        let out = convert::RawOutput::InPlace {
+                            target: &target,
+                            zero: !no_zero,
+                        };
+                        convert::to_raw_observed(
+                            &chain,
+                            out,
+                            &mut Throttle::new(0),
+                            &mut |_, _| {},
+                        )?;
+                    } else {
+                        convert::to_raw(&chain, &dst, force)?;
+                    }
                 }
                 Fmt::Qcow2 => {
                     let mut create = CreateOptions::default();
                     if let Some(o) = &options {
                         create.apply_list(o)?;
                     }
-                    convert::to_qcow2(
-                        &chain,
-                        &dst,
-                        &convert::Qcow2ConvertOptions {
-                            create,
-                            compress,
-                            overwrite: force,
-                            rate_limit: 0,
-                            share_blocks: copy_offload,
-                        },
-                    )?;
+                    let opts = convert::Qcow2ConvertOptions {
+                        create,
+                        compress,
+                        overwrite: force,
+                        rate_limit: 0,
+                        share_blocks: copy_offload,
+                    };
+                    if in_place {
+                        if copy_offload {
+                            anyhow::bail!("-C does not apply with --in-place");
+                        }
+                        let needed = convert::qcow2_size_bound(&chain, &opts.create)?;
+                        let target = device::open_in_place(&dst, needed)?;
+                        convert::to_qcow2_in_place_observed(
+                            &chain,
+                            &target,
+                            &opts,
+                            &mut |_, _| {},
+                        )?;
+                    } else {
+                        convert::to_qcow2(&chain, &dst, &opts)?;
+                    }
                 }
             }
         }

@@ -2,10 +2,13 @@
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
+use qmpbackup::progress::Reporting;
 use qmpbackup::report;
 use qmpbackup::restore::commands as restore;
+use qmpbackup::restore::merge::{self, MergeOptions, TargetFormat};
 use qmpbackup::restore::options::{CheckOptions, Common, DirOptions, RateOption, UntilOption};
 use qmpbackup::serve::{serve, ServeOptions};
+use qmpbackup::store::vm::parse_point_time;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -55,20 +58,70 @@ enum Command {
         until: UntilOption,
         #[command(flatten)]
         rate: RateOption,
-    },
-    /// Write the chain's content into a new standalone image; the backup files are not
-    /// touched. The target is written under a temporary name and renamed when complete; an
-    /// existing target is never overwritten. A checksum manifest is written beside it.
-    ///
-    /// Example: qmprestore merge --dir /backup/disk1 --targetfile /restore/disk1.qcow2
-    Merge {
-        #[command(flatten)]
-        dir: DirOptions,
-        #[command(flatten)]
-        until: UntilOption,
-        /// The new image to create.
+        /// Progress events and a summary as JSON lines on stdout.
         #[arg(long)]
-        targetfile: PathBuf,
+        json: bool,
+    },
+    /// Restore a point in time where the disk lives; the backup files are only read.
+    ///
+    /// Targets:
+    ///   a new file (--format qcow2, the default, or raw: sparse, zeros left as holes),
+    ///     written under a temporary name and renamed when complete; an existing file is
+    ///     never overwritten; a checksum manifest is written beside it;
+    ///   an existing block device or file with --in-place (an LVM volume, a zvol, a mapped
+    ///     RBD image, the VM's own disk): refused when it is too small, mounted, held by
+    ///     device-mapper/RAID or an O_EXCL opener, or open in a QEMU; ranges that read as
+    ///     zero are zeroed by range (--no-zero skips that for a target known to be zero);
+    ///     flushed before success. Interrupted: run it again;
+    ///   standard output with --targetfile - and --format raw: the whole disk in order.
+    /// --vm-dir restores every disk of a backup target at one point in time into
+    /// --targetdir, one file per disk directory.
+    ///
+    /// Examples:
+    ///   qmprestore merge --dir /backup/vm1/disk1 --targetfile /restore/disk1.qcow2
+    ///   qmprestore merge --dir /backup/vm1/disk1 --format raw --targetfile /dev/vg0/vm1-disk1 --in-place
+    ///   qmprestore merge --dir /backup/vm1/disk1 --format raw --targetfile - | ssh host dd of=/dev/vg0/disk1 bs=4M
+    ///   qmprestore merge --vm-dir /backup/vm1 --targetdir /restore/vm1 --until 2026-01-31T23:00:00Z
+    #[command(verbatim_doc_comment)]
+    Merge {
+        /// The disk's backup directory (e.g. /backup/vm1/disk1).
+        #[arg(long, required_unless_present = "vm_dir", conflicts_with = "vm_dir")]
+        dir: Option<PathBuf>,
+        /// Use only files whose name contains this string.
+        #[arg(long, conflicts_with = "vm_dir")]
+        filter: Option<String>,
+        /// Restore up to this point. With --dir: a file name, the name without extension,
+        /// or INC-<time>. With --vm-dir: a time, unix or UTC (2026-01-31T23:00:00Z); each
+        /// disk is restored at its newest point not after it.
+        #[arg(long)]
+        until: Option<String>,
+        /// The target: a new file, an existing device or file with --in-place, or - for
+        /// standard output (--format raw).
+        #[arg(long, required_unless_present = "vm_dir", conflicts_with = "vm_dir")]
+        targetfile: Option<PathBuf>,
+        /// Restore every disk under this qmpbackup target (its --target directory; month
+        /// folders included), all at one point in time: the newest backup run that covers
+        /// every disk, or --until's.
+        #[arg(long, requires = "targetdir")]
+        vm_dir: Option<PathBuf>,
+        /// Where --vm-dir puts the disks: <targetdir>/<disk directory name> (with
+        /// --format raw, .raw is appended unless the name ends in .raw or .img).
+        #[arg(long, requires = "vm_dir")]
+        targetdir: Option<PathBuf>,
+        /// qcow2 (default) or raw.
+        #[arg(long, value_enum, default_value = "qcow2")]
+        format: TargetFormat,
+        /// Write over the existing --targetfile: a block device or a file.
+        #[arg(long)]
+        in_place: bool,
+        /// With --in-place: the target already reads as zeros (a fresh thin LV), so ranges
+        /// that read as zero are left alone.
+        #[arg(long, requires = "in_place")]
+        no_zero: bool,
+        /// Write the checksum manifest of the restored disk here (for a device, an in-place
+        /// file or a stream, which get none otherwise; a new file gets one beside it).
+        #[arg(long)]
+        manifest: Option<PathBuf>,
         /// Give the new image blocks of its own. By default, where the target is on the
         /// backups' filesystem and it can share blocks (XFS, btrfs), the image shares the
         /// backups' data blocks copy-on-write, as `cp --reflink=auto` does: almost no
@@ -78,6 +131,10 @@ enum Command {
         no_reflink: bool,
         #[command(flatten)]
         rate: RateOption,
+        /// Progress events and a summary as JSON lines on stdout (on stderr when stdout
+        /// carries the raw stream).
+        #[arg(long)]
+        json: bool,
     },
     /// CHANGES THE BACKUP FILES: snapshot the FULL as `FULL-BACKUP`, then commit each INC into
     /// it and snapshot each point as YYYY-MM-DD-HH:MM:SS (UTC, from the INC's name). The
@@ -92,6 +149,9 @@ enum Command {
         until: UntilOption,
         #[command(flatten)]
         rate: RateOption,
+        /// Progress events and a summary as JSON lines on stdout.
+        #[arg(long)]
+        json: bool,
     },
     /// Check every backup in the directory: structure, chain continuity, and every data
     /// cluster against the file's checksum manifest where there is one. Exit 0 when sound.
@@ -145,6 +205,12 @@ fn common(source: DirOptions, until: Option<String>, check: CheckOptions) -> Com
 
 fn run(cli: Cli) -> Result<ExitCode> {
     report::set_quiet(cli.quiet);
+    let quiet = cli.quiet;
+    let reporting = |json: bool, stdout_is_data: bool| Reporting {
+        json,
+        stdout_is_data,
+        quiet,
+    };
     let check = cli.check;
     match cli.command {
         Command::Rebase {
@@ -156,24 +222,59 @@ fn run(cli: Cli) -> Result<ExitCode> {
             dir,
             until,
             rate: r,
-        } => restore::commit(&common(dir, until.until, check), r.bytes_per_second()?)?,
+            json,
+        } => restore::commit(
+            &common(dir, until.until, check),
+            r.bytes_per_second()?,
+            &reporting(json, false),
+        )?,
         Command::Merge {
             dir,
+            filter,
             until,
             targetfile,
+            vm_dir,
+            targetdir,
+            format,
+            in_place,
+            no_zero,
+            manifest,
             no_reflink,
             rate: r,
-        } => restore::merge(
-            &common(dir, until.until, check),
-            &targetfile,
-            !no_reflink,
-            r.bytes_per_second()?,
-        )?,
+            json,
+        } => {
+            let to_stdout = targetfile.as_deref() == Some(std::path::Path::new("-"));
+            let opts = MergeOptions {
+                format,
+                in_place,
+                zero: !no_zero,
+                share_blocks: !no_reflink,
+                rate_limit: r.bytes_per_second()?,
+                manifest,
+                reporting: reporting(json, to_stdout),
+            };
+            match (vm_dir, targetdir, dir, targetfile) {
+                (Some(vm_dir), Some(out), _, _) => {
+                    let until = until.as_deref().map(parse_point_time).transpose()?;
+                    merge::merge_vm(&vm_dir, &out, until, &check, &opts)?;
+                }
+                (_, _, Some(dir), Some(target)) => {
+                    let source = DirOptions { dir, filter };
+                    merge::merge(&common(source, until, check), &target, &opts)?;
+                }
+                _ => anyhow::bail!("give --dir and --targetfile, or --vm-dir and --targetdir"),
+            }
+        }
         Command::Snapshotrebase {
             dir,
             until,
             rate: r,
-        } => restore::snapshotrebase(&common(dir, until.until, check), r.bytes_per_second()?)?,
+            json,
+        } => restore::snapshotrebase(
+            &common(dir, until.until, check),
+            r.bytes_per_second()?,
+            &reporting(json, false),
+        )?,
         Command::Verify { dir, json } => {
             let results = restore::verify(&common(dir, None, check))?;
             let bad = results.iter().filter(|r| !r.ok).count();

@@ -1,6 +1,7 @@
 //! The restore commands: rebase, commit, merge, snapshotrebase, verify, list.
 
 use crate::fsutil::Dir;
+use crate::progress::{Meter, Reporting};
 use crate::report;
 use crate::restore::options::{CheckOptions, Common};
 use crate::store::chain::BackupChain;
@@ -11,19 +12,16 @@ use crate::store::lock::{self, DirLock, LockMode};
 use crate::store::manifest;
 use crate::store::manifest::check::ManifestCheck;
 use crate::store::manifest::edit::{self, FullEdit};
-use crate::store::manifest::runs::{block_size_for, RunBuilder};
 use crate::store::manifest::verify::verify_manifest;
 use anyhow::{bail, Context, Result};
 use qcow2::chain::Layer;
 use qcow2::ops::commit::commit_into;
-use qcow2::ops::convert::{to_qcow2_observed, Qcow2ConvertOptions};
 use qcow2::ops::rebase::{rebase as qcow2_rebase, RebaseOptions};
 use qcow2::ops::throttle::Throttle;
 use qcow2::repair::{repair, RepairMode};
 use qcow2::OpenRwOptions;
 use qcow2::{check, Format, OpenOptions, Qcow2};
 use serde::Serialize;
-use std::path::Path;
 use std::sync::Arc;
 
 /// The chain a command works on: the newest FULL and its INCs, cut at `--until`.
@@ -366,13 +364,16 @@ fn commit_inc(
     mut edit: Option<&mut FullEdit>,
     inc: &BackupFile,
     rate_limit: u64,
+    meter: &Arc<Meter>,
 ) -> Result<()> {
     let inc_chain = open_alone(inc)?;
     if let Some(edit) = edit.as_deref_mut() {
         edit.begin(&inc_chain, full.virtual_size(), full.cluster_size())?;
     }
     full.grow_zeroing_tail(inc_chain.virtual_size())?;
-    commit_into(full, None, &inc_chain, 1, &mut Throttle::new(rate_limit))
+    let meter = meter.clone();
+    let mut throttle = Throttle::new(rate_limit).with_meter(Box::new(move |n| meter.add(n)));
+    commit_into(full, None, &inc_chain, 1, &mut throttle)
         .with_context(|| format!("committing {} into the full backup", inc.name))?;
     full.flush()?;
     if let Some(edit) = edit {
@@ -402,23 +403,25 @@ fn interrupted_hint(full: &BackupFile, inc: &BackupFile, cmd: &str) -> String {
 
 /// `commit`: the INCs committed into the FULL in place, in order; each INC file is removed
 /// once its data is safely in the FULL.
-pub fn commit(c: &Common, rate_limit: u64) -> Result<()> {
+pub fn commit(c: &Common, rate_limit: u64, reporting: &Reporting) -> Result<()> {
     let _lock = lock_dir(c, LockMode::Exclusive)?;
     let (_, chain) = select_chain(c)?;
     let checked = preflight(&chain, &c.check)?;
     let incs: Vec<&BackupFile> = chain.incs.iter().collect();
     check_before_commit(&chain.full, &incs, !c.check.ignore_checksums)?;
+    let meter = commit_meter(&chain.full, &incs, reporting)?;
     let mut full = open_full_for_writing(&chain.full, checked)?;
     let mut edit = FullEdit::open(&chain.full.path)?;
     for inc in &chain.incs {
         report::info(format!("committing {} into {}", inc.name, chain.full.name));
-        commit_inc(&mut full, edit.as_mut(), inc, rate_limit)
+        commit_inc(&mut full, edit.as_mut(), inc, rate_limit, &meter)
             .with_context(|| interrupted_hint(&chain.full, inc, "commit"))?;
         std::fs::remove_file(&inc.path)
             .with_context(|| format!("{}: cannot remove", inc.path.display()))?;
         let _ = std::fs::remove_file(manifest::manifest_path(&inc.path));
     }
     drop(full);
+    finish_commit(&chain.full, &meter, reporting);
     report::info(format!(
         "{} holds the restored disk",
         chain.full.path.display()
@@ -426,69 +429,43 @@ pub fn commit(c: &Common, rate_limit: u64) -> Result<()> {
     Ok(())
 }
 
-/// `merge`: a new standalone image with the chain's content; the backup files are not
-/// touched and an existing target is never overwritten.
-/// With `share_blocks`, the target shares the backups' data blocks where the filesystem can.
-pub fn merge(c: &Common, target: &Path, share_blocks: bool, rate_limit: u64) -> Result<()> {
-    let _lock = lock_dir(c, LockMode::Shared)?;
-    let (_, chain) = select_chain(c)?;
-    preflight(&chain, &c.check)?;
-    if target.symlink_metadata().is_ok() {
-        bail!(
-            "{}: target exists; not overwriting it (choose another --targetfile or remove it)",
-            target.display()
-        );
+/// A meter over the data of the INCs a commit writes into `full`.
+fn commit_meter(
+    full: &BackupFile,
+    incs: &[&BackupFile],
+    reporting: &Reporting,
+) -> Result<Arc<Meter>> {
+    let mut total = 0;
+    for inc in incs {
+        total += data_bytes(&open_alone(inc)?)?;
     }
-    let target_manifest = manifest::manifest_path(target);
-    if target_manifest.symlink_metadata().is_ok() {
-        bail!(
-            "{}: exists (the manifest of an earlier restore?); not overwriting it (choose another --targetfile or remove it)",
-            target_manifest.display()
-        );
+    Ok(Arc::new(reporting.meter(&full.name, total)))
+}
+
+/// The meter completed and the summary event given.
+fn finish_commit(full: &BackupFile, meter: &Meter, reporting: &Reporting) {
+    let (bytes, seconds) = meter.finish();
+    reporting.event(serde_json::json!({"event": "summary", "summary": {
+        "full": full.name, "bytes_written": bytes, "seconds": seconds}}));
+}
+
+/// Guest bytes that map to data in `chain` (what a copy of it reads and may write).
+pub fn data_bytes(chain: &qcow2::Chain) -> Result<u64> {
+    const STEP: u64 = 1 << 30;
+    let size = chain.virtual_size();
+    let mut total = 0;
+    let mut offset = 0;
+    while offset < size {
+        let len = STEP.min(size - offset);
+        total += chain
+            .map(offset, len)?
+            .iter()
+            .filter(|e| !e.reads_as_zero())
+            .map(|e| e.len)
+            .sum::<u64>();
+        offset += len;
     }
-    if let Some(parent) = target.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent)
-            .with_context(|| format!("{}: cannot create directory", parent.display()))?;
-    }
-    let stack = open_stack(&chain, &c.check)?;
-    let cluster_size = full_cluster_size(&stack);
-    let opts = Qcow2ConvertOptions {
-        create: qcow2::create::CreateOptions {
-            cluster_size,
-            ..Default::default()
-        },
-        compress: false,
-        overwrite: false,
-        rate_limit,
-        share_blocks,
-    };
-    report::info(format!(
-        "merging {} file(s) ({} .. {}) into {}",
-        chain.files().len(),
-        chain.full.name,
-        chain.newest().name,
-        target.display()
-    ));
-    // The manifest is built from the data as it is written: no second read of the output.
-    let block = block_size_for(cluster_size);
-    let mut runs = RunBuilder::new(block);
-    to_qcow2_observed(&stack, target, &opts, &mut |off, data| runs.feed(off, data)).with_context(
-        || {
-            format!(
-                "{}: merge failed; no target was left behind",
-                target.display()
-            )
-        },
-    )?;
-    let uuid = chain.uuid()?;
-    manifest::write_manifest_runs(
-        target,
-        uuid.as_deref(),
-        stack.virtual_size(),
-        block,
-        runs.finish(),
-    )?;
-    Ok(())
+    Ok(total)
 }
 
 /// The chain's files as one disk, newest on top, every read checked against the files'
@@ -534,7 +511,7 @@ pub const FULL_SNAPSHOT: &str = "FULL-BACKUP";
 /// `snapshotrebase`: an internal snapshot FULL-BACKUP of the FULL, then each INC committed
 /// and snapshotted under its timestamp. Resumable: points already snapshotted are skipped.
 /// The INC files are removed once every point is in.
-pub fn snapshotrebase(c: &Common, rate_limit: u64) -> Result<()> {
+pub fn snapshotrebase(c: &Common, rate_limit: u64, reporting: &Reporting) -> Result<()> {
     let _lock = lock_dir(c, LockMode::Exclusive)?;
     let (_, chain) = select_chain(c)?;
     let checked = preflight(&chain, &c.check)?;
@@ -550,6 +527,7 @@ pub fn snapshotrebase(c: &Common, rate_limit: u64) -> Result<()> {
         .filter(|inc| !existing.contains(&inc.snapshot_name()))
         .collect();
     check_before_commit(&chain.full, &todo, !c.check.ignore_checksums)?;
+    let meter = commit_meter(&chain.full, &todo, reporting)?;
     let mut full = open_full_for_writing(&chain.full, checked)?;
     let mut edit = FullEdit::open(&chain.full.path)?;
     if !existing.iter().any(|n| n == FULL_SNAPSHOT) {
@@ -563,7 +541,7 @@ pub fn snapshotrebase(c: &Common, rate_limit: u64) -> Result<()> {
             continue;
         }
         report::info(format!("committing {} (snapshot {name})", inc.name));
-        commit_inc(&mut full, edit.as_mut(), inc, rate_limit).with_context(|| {
+        commit_inc(&mut full, edit.as_mut(), inc, rate_limit, &meter).with_context(|| {
             format!(
                 "{}; or roll back with `qcow2 snapshot -a {FULL_SNAPSHOT} {}`",
                 interrupted_hint(&chain.full, inc, "snapshotrebase"),
@@ -573,6 +551,7 @@ pub fn snapshotrebase(c: &Common, rate_limit: u64) -> Result<()> {
         full.snapshot_create(&name)?;
     }
     drop(full);
+    finish_commit(&chain.full, &meter, reporting);
     for inc in &chain.incs {
         if inc.path.exists() {
             std::fs::remove_file(&inc.path)
@@ -734,6 +713,7 @@ impl Listing {
 #[cfg(test)]
 mod tests {
     use crate::fsutil::Dir;
+    use crate::progress::Reporting;
     use crate::restore::commands::{commit, rebase, snapshotrebase};
     use crate::restore::options::{Common, DirOptions};
     use crate::store::lock::{DirLock, LockMode};
@@ -751,8 +731,8 @@ mod tests {
         };
         let held = DirLock::acquire(&Dir::open(tmp.path()).unwrap(), LockMode::Shared).unwrap();
         for e in [
-            commit(&c, 0).unwrap_err(),
-            snapshotrebase(&c, 0).unwrap_err(),
+            commit(&c, 0, &Reporting::default()).unwrap_err(),
+            snapshotrebase(&c, 0, &Reporting::default()).unwrap_err(),
             rebase(&c, false).unwrap_err(),
         ] {
             let e = e.to_string();
@@ -760,7 +740,7 @@ mod tests {
         }
         drop(held);
         // Released: the command gets past the lock (and stops at the bad file instead).
-        let e = format!("{:#}", commit(&c, 0).unwrap_err());
+        let e = format!("{:#}", commit(&c, 0, &Reporting::default()).unwrap_err());
         assert!(!e.contains("run again when it is done"), "{e}");
     }
 }

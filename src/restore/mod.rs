@@ -2,4 +2,5 @@
 //! `qcow2` crate. Every command checks the whole chain before its first write.
 
 pub mod commands;
+pub mod merge;
 pub mod options;

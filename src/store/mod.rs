@@ -27,3 +27,4 @@ pub mod manifest;
 pub mod name;
 pub mod target;
 pub mod uuid;
+pub mod vm;

@@ -2,15 +2,17 @@
 //! sparse raw. Every byte goes through the copy engine ([`super::copy`]).
 
 use super::copy::sinks::{
-    compress_window, CompressedSink, CopyStats, HostWriter, NewImageSink, Progress, RawSink,
-    RawWriter, WriteObserver,
+    compress_window, CompressedSink, CopyStats, HostWriter, InPlaceRawWriter, NewImageSink,
+    Progress, RawSink, RawWriter, StreamWriter, WriteObserver,
 };
 use super::copy::source::read_data_window;
 use super::copy::{self, NoWriter, Plan};
 use crate::chain::Chain;
 use crate::create::{init_qcow2, CreateOptions};
-use crate::error::{IoContext, Result};
+use crate::device::{InPlaceKind, InPlaceTarget};
+use crate::error::{Error, IoContext, Result};
 use crate::image::Qcow2;
+use crate::mapping::ExtentKind;
 use crate::ops::throttle::Throttle;
 use crate::storage::{PendingFile, Storage};
 use std::path::Path;
@@ -19,32 +21,92 @@ use std::sync::Arc;
 /// Granularity at which all-zero data is left as a hole in raw output.
 pub const ZERO_DETECT: u64 = 4096;
 
+/// Where raw output goes.
+pub enum RawOutput<'a> {
+    /// A new sparse file, written under a temporary name and renamed when complete: what
+    /// reads as zero stays a hole.
+    NewFile { dest: &'a Path, overwrite: bool },
+    /// Over an existing device or file: the data written, what reads as zero zeroed by range
+    /// (unless `zero` is off, for a target known to be all zeros), flushed at the end. A
+    /// file is first resized to the disk's size.
+    InPlace {
+        target: &'a InPlaceTarget,
+        zero: bool,
+    },
+    /// The whole disk in guest order, zeros included (a pipe, standard output).
+    Stream {
+        out: &'a mut (dyn std::io::Write + Send),
+        name: String,
+    },
+}
+
 /// Writes the chain's guest content to `dest` as a sparse raw file.
 pub fn to_raw(chain: &Chain, dest: &Path, overwrite: bool) -> Result<CopyStats> {
-    let dest_s = dest.display().to_string();
-    let out = PendingFile::new(dest, overwrite).on_file(&dest_s, "cannot create output")?;
-    let storage = out
-        .create_storage()
-        .on_file(&dest_s, "cannot create output")?;
-    let storage: Arc<dyn Storage> = Arc::new(storage);
+    to_raw_observed(
+        chain,
+        RawOutput::NewFile { dest, overwrite },
+        &mut Throttle::new(0),
+        &mut |_, _| {},
+    )
+}
+
+/// Writes the chain's guest content as a raw image to `output`, reporting every written
+/// run of guest data to `observer`, in guest order.
+pub fn to_raw_observed(
+    chain: &Chain,
+    output: RawOutput<'_>,
+    throttle: &mut Throttle,
+    observer: WriteObserver<'_>,
+) -> Result<CopyStats> {
     let size = chain.virtual_size();
+    let plan = Plan::new(size, ZERO_DETECT);
+    let read = |p: &mut copy::Pieces<'_, _>| {
+        p.fill(|w, buf| read_data_window(chain, w, buf, ZERO_DETECT, false))
+    };
     let mut sink = RawSink {
-        stats: CopyStats::default(),
+        progress: Progress {
+            stats: CopyStats::default(),
+            throttle,
+            observer,
+        },
     };
-    let writer = RawWriter {
-        storage: storage.clone(),
-        path: dest_s.clone(),
-    };
-    copy::run(
-        Plan::new(size, ZERO_DETECT),
-        |p| p.fill(|w, buf| read_data_window(chain, w, buf, ZERO_DETECT, false)),
-        &mut sink,
-        writer,
-    )?;
-    storage.set_len(size).at(&dest_s, "setting length", size)?;
-    drop(storage);
-    out.commit().on_file(&dest_s, "cannot finish output")?;
-    Ok(sink.stats)
+    match output {
+        RawOutput::NewFile { dest, overwrite } => {
+            let dest_s = dest.display().to_string();
+            let out = PendingFile::new(dest, overwrite).on_file(&dest_s, "cannot create output")?;
+            let storage = out
+                .create_storage()
+                .on_file(&dest_s, "cannot create output")?;
+            let storage: Arc<dyn Storage> = Arc::new(storage);
+            let writer = RawWriter {
+                storage: storage.clone(),
+                path: dest_s.clone(),
+            };
+            copy::run(plan, read, &mut sink, writer)?;
+            storage.set_len(size).at(&dest_s, "setting length", size)?;
+            drop(storage);
+            out.commit().on_file(&dest_s, "cannot finish output")?;
+        }
+        RawOutput::InPlace { target, zero } => {
+            let path = target.display();
+            let storage: Arc<dyn Storage> = target.storage.clone();
+            if target.kind == InPlaceKind::RegularFile {
+                storage.set_len(size).at(&path, "resizing", size)?;
+            }
+            let mut writer = InPlaceRawWriter::new(storage.clone(), path.clone(), zero);
+            copy::run(plan, read, &mut sink, &mut writer)?;
+            writer.zero_pending()?;
+            storage.flush().at(&path, "flushing", 0)?;
+            sink.progress.stats.bytes_zeroed = writer.zeroed;
+        }
+        RawOutput::Stream { out, name } => {
+            let writer = StreamWriter::new(&mut *out, name.clone());
+            copy::run(plan, read, &mut sink, writer)?;
+            out.flush()
+                .map_err(|e| Error::io(&name, "writing the stream", size, e))?;
+        }
+    }
+    Ok(sink.progress.stats)
 }
 
 /// Options of a conversion to qcow2.
@@ -102,6 +164,89 @@ pub fn to_qcow2_observed(
     drop(img);
     out.commit().on_file(&dest_s, "cannot finish output")?;
     Ok(stats)
+}
+
+/// Writes the chain as a new qcow2 image over an existing device or file (qcow2 on LVM, as
+/// oVirt and Proxmox keep disks): a file is emptied first; a device keeps what lies past the
+/// image's end, which nothing reads. The caller checked that the device is big enough
+/// ([`qcow2_size_bound`]).
+pub fn to_qcow2_in_place_observed(
+    chain: &Chain,
+    target: &InPlaceTarget,
+    opts: &Qcow2ConvertOptions,
+    observer: WriteObserver<'_>,
+) -> Result<CopyStats> {
+    let path = target.display();
+    let storage: Arc<dyn Storage> = target.storage.clone();
+    if target.kind == InPlaceKind::RegularFile {
+        storage.set_len(0).at(&path, "emptying", 0)?;
+    }
+    let mut copts = opts.create.clone();
+    if copts.size == 0 {
+        copts.size = chain.virtual_size();
+    }
+    let mut img = init_qcow2(storage.clone(), &path, target.path.parent(), &copts)?;
+    let stats = copy_into_observed(
+        chain,
+        &mut img,
+        opts.compress,
+        false,
+        &mut Throttle::new(opts.rate_limit),
+        observer,
+    )?;
+    img.flush()?;
+    drop(img);
+    storage.flush().at(&path, "flushing", 0)?;
+    Ok(stats)
+}
+
+/// An upper bound of the host bytes a qcow2 copy of `chain` created with `opts` takes
+/// (uncompressed): every cluster holding data in the chain, its L2 tables, the L1
+/// table, refcount structures, the header, and room for the refcount table to move as it
+/// grows. What a device must hold for [`to_qcow2_in_place_observed`].
+pub fn qcow2_size_bound(chain: &Chain, opts: &CreateOptions) -> Result<u64> {
+    const STEP: u64 = 1 << 30;
+    let cs = opts.cluster_size;
+    let size = chain.virtual_size().max(opts.size);
+    let l2_entry = if opts.extended_l2 { 16 } else { 8 };
+    let per_l2 = cs / l2_entry * cs;
+    let mut data_clusters = 0u64;
+    let mut l2_tables = 0u64;
+    let (mut last_cluster, mut last_l2) = (u64::MAX, u64::MAX);
+    let mut offset = 0;
+    while offset < size {
+        let len = STEP.min(size - offset);
+        for e in chain.map(offset, len)? {
+            if matches!(e.kind, ExtentKind::Zero { .. } | ExtentKind::Unallocated) {
+                continue;
+            }
+            let (first, last) = (e.start / cs, (e.end() - 1) / cs);
+            data_clusters += last - first + 1 - u64::from(first == last_cluster);
+            last_cluster = last;
+            let (l2_first, l2_last) = (e.start / per_l2, (e.end() - 1) / per_l2);
+            l2_tables += l2_last - l2_first + 1 - u64::from(l2_first == last_l2);
+            last_l2 = l2_last;
+        }
+        offset += len;
+    }
+    let l1_clusters = (size.div_ceil(per_l2) * 8).div_ceil(cs);
+    let mut clusters = 1 + l1_clusters + l2_tables + data_clusters;
+    let per_block = cs * 8 / u64::from(opts.refcount_bits.max(1));
+    // Refcount blocks and table cover themselves too: iterate to a fixed point.
+    let mut meta = 0;
+    loop {
+        let total = clusters + meta;
+        let blocks = total.div_ceil(per_block);
+        let table = (blocks * 8).div_ceil(cs);
+        // The table moves when it grows and its old place is freed later: count it twice.
+        let want = blocks + 2 * table + 2;
+        if want <= meta {
+            break;
+        }
+        meta = want;
+    }
+    clusters += meta;
+    Ok(clusters * cs)
 }
 
 /// Copies the chain's non-zero clusters into an empty image of at least the same size.
@@ -268,5 +413,138 @@ mod read_check_tests {
         let (mut out, _) = mem_image(512 * K, 64 * K, false);
         let e = copy_into(&chain, &mut out, false, &mut Throttle::new(0)).unwrap_err();
         assert!(e.to_string().contains("refused"), "{e}");
+    }
+}
+
+/// Raw output over existing targets and to streams equals the chain, whatever was there.
+#[cfg(test)]
+mod raw_output_tests {
+    use crate::chain::Chain;
+    use crate::create::CreateOptions;
+    use crate::device::open_in_place;
+    use crate::ops::convert::{
+        qcow2_size_bound, to_qcow2_in_place_observed, to_raw_observed, Qcow2ConvertOptions,
+        RawOutput,
+    };
+    use crate::ops::throttle::Throttle;
+    use crate::testutil::{chain_of, mem_image, read_all};
+    use crate::{OpenOptions, Qcow2};
+
+    const K: u64 = 1024;
+    const SIZE: u64 = 9 * 1024 * K + 512;
+
+    /// Data, a zero cluster, data again past the first window, unallocated elsewhere, and
+    /// a tail that ends mid-cluster.
+    fn chain() -> Chain {
+        let (mut base, _) = mem_image(SIZE, 64 * K, false);
+        base.write_at(&vec![1; 300 * K as usize], 0, None).unwrap();
+        base.write_at(&vec![3; 4096], SIZE - 4096, None).unwrap();
+        let (mut top, _) = mem_image(SIZE, 64 * K, false);
+        top.write_zeroes(64 * K, 64 * K, false, None).unwrap();
+        top.write_at(&vec![2; 8192], 5 * 1024 * K + 4096, None)
+            .unwrap();
+        chain_of(vec![top, base])
+    }
+
+    #[test]
+    fn in_place_over_a_dirty_file_equals_the_chain_and_zeroes_the_rest() {
+        let chain = chain();
+        let model = read_all(&chain);
+        let tmp = tempfile::tempdir().unwrap();
+        let p = tmp.path().join("disk.raw");
+        // Longer than the disk, full of 0xFF: resized, and every zero range zeroed.
+        std::fs::write(&p, vec![0xFF; (SIZE + 3 * 4096) as usize]).unwrap();
+        let target = open_in_place(&p, SIZE).unwrap();
+        let mut seen = 0u64;
+        let stats = to_raw_observed(
+            &chain,
+            RawOutput::InPlace {
+                target: &target,
+                zero: true,
+            },
+            &mut Throttle::new(0),
+            &mut |_, d| seen += d.len() as u64,
+        )
+        .unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), model);
+        assert_eq!(stats.bytes_written, seen);
+        assert_eq!(stats.bytes_written + stats.bytes_zeroed, SIZE);
+        // Told the target is zero already: the 0xFF stays where the disk reads zeros.
+        std::fs::write(&p, vec![0xFF; SIZE as usize]).unwrap();
+        let target = open_in_place(&p, SIZE).unwrap();
+        let out = RawOutput::InPlace {
+            target: &target,
+            zero: false,
+        };
+        to_raw_observed(&chain, out, &mut Throttle::new(0), &mut |_, _| {}).unwrap();
+        let got = std::fs::read(&p).unwrap();
+        let k = K as usize;
+        assert!(got[..64 * k] == model[..64 * k]);
+        assert!(got[128 * k..300 * k] == model[128 * k..300 * k]);
+        assert_eq!((got[64 * k + 1], got[400 * k]), (0xFF, 0xFF));
+    }
+
+    #[test]
+    fn a_stream_carries_the_whole_disk_in_order() {
+        let chain = chain();
+        let mut out = Vec::new();
+        let stats = to_raw_observed(
+            &chain,
+            RawOutput::Stream {
+                out: &mut out,
+                name: "stdout".into(),
+            },
+            &mut Throttle::new(0),
+            &mut |_, _| {},
+        )
+        .unwrap();
+        assert_eq!(out, read_all(&chain));
+        assert!(stats.bytes_written < SIZE / 4);
+    }
+
+    #[test]
+    fn a_closed_stream_is_said_plainly() {
+        struct Closed;
+        impl std::io::Write for Closed {
+            fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+                Err(std::io::ErrorKind::BrokenPipe.into())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let e = to_raw_observed(
+            &chain(),
+            RawOutput::Stream {
+                out: &mut Closed,
+                name: "standard output".into(),
+            },
+            &mut Throttle::new(0),
+            &mut |_, _| {},
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string().contains("the reader closed the stream"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn qcow2_in_place_over_a_dirty_file_reads_as_the_chain_within_its_bound() {
+        let chain = chain();
+        let tmp = tempfile::tempdir().unwrap();
+        let p = tmp.path().join("disk.qcow2");
+        std::fs::write(&p, vec![0xFF; 4 << 20]).unwrap();
+        let target = open_in_place(&p, 0).unwrap();
+        let opts = Qcow2ConvertOptions::default();
+        to_qcow2_in_place_observed(&chain, &target, &opts, &mut |_, _| {}).unwrap();
+        let bound = qcow2_size_bound(&chain, &CreateOptions::default()).unwrap();
+        let len = std::fs::metadata(&p).unwrap().len();
+        assert!(len <= bound, "{len} > {bound}");
+        let back = Chain::open(&p, &OpenOptions::default()).unwrap();
+        assert_eq!(read_all(&back), read_all(&chain));
+        let img = Qcow2::open(&p).unwrap();
+        let r = crate::check::check(&img).unwrap();
+        assert_eq!((r.corruptions, r.leaks, r.check_errors), (0, 0, 0));
     }
 }

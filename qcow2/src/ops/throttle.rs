@@ -1,11 +1,15 @@
-//! A simple rate limiter for copy loops.
+//! A rate limiter for copy loops, which can also tell a progress meter what was done.
 
 use std::time::{Duration, Instant};
+
+/// Told how many more bytes a copy has done.
+pub type Meter = Box<dyn FnMut(u64) + Send>;
 
 pub struct Throttle {
     rate: u64,
     start: Instant,
     bytes: u64,
+    meter: Option<Meter>,
 }
 
 impl Throttle {
@@ -15,11 +19,21 @@ impl Throttle {
             rate,
             start: Instant::now(),
             bytes: 0,
+            meter: None,
         }
+    }
+
+    /// Also tells `meter` every amount accounted.
+    pub fn with_meter(mut self, meter: Meter) -> Self {
+        self.meter = Some(meter);
+        self
     }
 
     /// Records `n` bytes done and sleeps as long as the average is above the rate.
     pub fn account(&mut self, n: u64) {
+        if let Some(m) = &mut self.meter {
+            m(n);
+        }
         if self.rate == 0 {
             return;
         }

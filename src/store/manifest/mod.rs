@@ -168,6 +168,24 @@ pub fn store(image: &Path, m: &Manifest) -> Result<()> {
     store_in(&dir, m)
 }
 
+/// Writes the manifest of a restored image that cannot have one beside it (a device, a
+/// stream) at `path`, describing the image `image_name`.
+pub fn write_manifest_at(
+    path: &Path,
+    image_name: &str,
+    uuid: Option<&str>,
+    virtual_size: u64,
+    block: u64,
+    runs: Vec<CheckedRun>,
+) -> Result<()> {
+    let (dir, name) = open_parent(path)?;
+    let m = Manifest {
+        header: new_header(image_name, uuid, virtual_size, block),
+        runs,
+    };
+    store_as(&dir, &name, &m)
+}
+
 /// The directory of `image`, opened, and the image's file name in it.
 pub fn open_parent(image: &Path) -> Result<(Dir, String)> {
     let parent = match image.parent() {
@@ -187,8 +205,12 @@ pub fn open_parent(image: &Path) -> Result<(Dir, String)> {
 /// (a leftover or a planted symlink there is removed, never written through), then renamed
 /// over the manifest. One run per line: millions of runs stay readable and compact.
 fn store_in(dir: &Dir, m: &Manifest) -> Result<()> {
+    store_as(dir, &manifest_name(&m.header.file), m)
+}
+
+/// [`store_in`] under the name `manifest`.
+fn store_as(dir: &Dir, manifest: &str, m: &Manifest) -> Result<()> {
     let h = &m.header;
-    let manifest = manifest_name(&h.file);
     let size_key = if h.version == 1 {
         "run-size"
     } else {
@@ -211,7 +233,7 @@ fn store_in(dir: &Dir, m: &Manifest) -> Result<()> {
         h.block_size,
         serde_json::to_string(&h.uuid)?,
     );
-    dir.write_atomic_via(&manifest, &format!("{manifest}.tmp"), |f| {
+    dir.write_atomic_via(manifest, &format!("{manifest}.tmp"), |f| {
         let mut w = std::io::BufWriter::new(f);
         w.write_all(head.as_bytes())?;
         for (i, r) in m.runs.iter().enumerate() {
@@ -221,7 +243,7 @@ fn store_in(dir: &Dir, m: &Manifest) -> Result<()> {
         w.write_all(b"\n  ]\n}\n")?;
         w.flush()
     })
-    .with_context(|| format!("{}: cannot write manifest", dir.join(&manifest).display()))
+    .with_context(|| format!("{}: cannot write manifest", dir.join(manifest).display()))
 }
 
 /// How a damaged manifest is reported: what is wrong and what to do.

@@ -21,6 +21,8 @@ pub type WriteObserver<'a> = &'a mut dyn FnMut(u64, &[u8]);
 pub struct CopyStats {
     /// Guest bytes of data written (zeros left out are not counted).
     pub bytes_written: u64,
+    /// Guest bytes zeroed by range (writes over an existing target).
+    pub bytes_zeroed: u64,
 }
 
 /// Accounting shared by the sinks: statistics, rate limit, observer.
@@ -289,32 +291,61 @@ impl Sink<Vec<Change>> for CommitSink<'_> {
     }
 }
 
-/// Plans windows into a sparse raw file: the runs go where they are (guest offset = file
-/// offset); zero blocks stay holes.
-pub struct RawSink {
-    pub stats: CopyStats,
+/// Plans windows into raw output: the runs go where they are (guest offset = output
+/// offset); what the writer does with the zeros between them is its own business.
+pub struct RawSink<'a> {
+    pub progress: Progress<'a>,
 }
 
-impl Sink<DataWindow> for RawSink {
+impl Sink<DataWindow> for RawSink<'_> {
     type Job = RawJob;
 
-    fn plan(&mut self, window: Window, item: DataWindow, _: &[u8]) -> Result<RawJob> {
-        self.stats.bytes_written += item.runs.iter().map(|r| r.len() as u64).sum::<u64>();
+    fn plan(&mut self, window: Window, item: DataWindow, data: &[u8]) -> Result<RawJob> {
+        for r in &item.runs {
+            self.progress
+                .wrote(window.offset + r.start as u64, &data[r.start..r.end]);
+        }
         Ok(RawJob {
-            offset: window.offset,
+            window,
             runs: item.runs,
         })
     }
 }
 
-/// A window's runs, for the raw writer.
+/// A window's non-zero runs, for the raw writers; the rest of the window reads as zeros.
 pub struct RawJob {
-    /// The window's guest offset.
-    pub offset: u64,
+    pub window: Window,
     pub runs: Vec<ByteRange>,
 }
 
-/// Writes runs of windows at their guest offsets into a file.
+impl RawJob {
+    /// The window's pieces in order: `Ok(run)` holds data, `Err(range)` reads as zeros.
+    fn pieces(&self) -> impl Iterator<Item = std::result::Result<ByteRange, ByteRange>> + '_ {
+        let len = self.window.len as usize;
+        let mut at = 0usize;
+        let mut runs = self.runs.iter().peekable();
+        std::iter::from_fn(move || {
+            if at >= len {
+                return None;
+            }
+            match runs.peek() {
+                Some(r) if r.start == at => {
+                    at = r.end;
+                    runs.next().map(|r| Ok(*r))
+                }
+                next => {
+                    let end = next.map_or(len, |r| r.start);
+                    let gap = ByteRange { start: at, end };
+                    at = end;
+                    Some(Err(gap))
+                }
+            }
+        })
+    }
+}
+
+/// Writes the runs of windows at their guest offsets into a new sparse file: the zeros
+/// between them stay holes.
 pub struct RawWriter {
     pub storage: Arc<dyn Storage>,
     pub path: String,
@@ -323,10 +354,139 @@ pub struct RawWriter {
 impl JobWriter<RawJob> for RawWriter {
     fn write(&mut self, job: RawJob, data: &[u8]) -> Result<()> {
         for r in job.runs {
-            let at = job.offset + r.start as u64;
+            let at = job.window.offset + r.start as u64;
             self.storage
                 .write_at(&data[r.start..r.end], at)
                 .at(&self.path, "writing", at)?;
+        }
+        Ok(())
+    }
+}
+
+/// Writes over an existing device or file in place: the runs at their guest offsets, and
+/// (unless told the target is already zero) the zeros between them as zeroed ranges, never
+/// as zero buffers; consecutive zero ranges are zeroed in one call.
+pub struct InPlaceRawWriter {
+    pub storage: Arc<dyn Storage>,
+    pub path: String,
+    /// Zero what reads as zero (off for a target known to be all zeros: a fresh thin LV).
+    pub zero: bool,
+    /// A zero range not yet zeroed: `[start, end)` in guest bytes.
+    pending: Option<(u64, u64)>,
+    /// Guest bytes zeroed so far.
+    pub zeroed: u64,
+}
+
+impl InPlaceRawWriter {
+    pub fn new(storage: Arc<dyn Storage>, path: String, zero: bool) -> InPlaceRawWriter {
+        InPlaceRawWriter {
+            storage,
+            path,
+            zero,
+            pending: None,
+            zeroed: 0,
+        }
+    }
+
+    fn zero_later(&mut self, start: u64, end: u64) {
+        match &mut self.pending {
+            Some((_, e)) if *e == start => *e = end,
+            _ => {
+                // Not adjacent: cannot happen in guest order, but stay correct.
+                let _ = self.zero_pending();
+                self.pending = Some((start, end));
+            }
+        }
+    }
+
+    /// Zeroes the pending range; call once after the copy too.
+    pub fn zero_pending(&mut self) -> Result<()> {
+        if let Some((s, e)) = self.pending.take() {
+            self.storage
+                .zero_range(s, e - s)
+                .at(&self.path, "zeroing", s)?;
+            self.zeroed += e - s;
+        }
+        Ok(())
+    }
+}
+
+impl JobWriter<RawJob> for &mut InPlaceRawWriter {
+    fn write(&mut self, job: RawJob, data: &[u8]) -> Result<()> {
+        let base = job.window.offset;
+        for piece in job.pieces() {
+            match piece {
+                Ok(r) => {
+                    self.zero_pending()?;
+                    let at = base + r.start as u64;
+                    self.storage
+                        .write_at(&data[r.start..r.end], at)
+                        .at(&self.path, "writing", at)?;
+                }
+                Err(gap) if self.zero => {
+                    self.zero_later(base + gap.start as u64, base + gap.end as u64)
+                }
+                Err(_) => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Writes the whole disk in guest order to a stream (a pipe, standard output): data and
+/// zeros alike.
+pub struct StreamWriter<'a> {
+    pub out: &'a mut (dyn std::io::Write + Send),
+    pub name: String,
+    zeros: Vec<u8>,
+}
+
+impl<'a> StreamWriter<'a> {
+    pub fn new(out: &'a mut (dyn std::io::Write + Send), name: String) -> StreamWriter<'a> {
+        StreamWriter {
+            out,
+            name,
+            zeros: vec![0u8; 1 << 20],
+        }
+    }
+
+    fn put(&mut self, bytes: &[u8], at: u64) -> Result<()> {
+        self.out
+            .write_all(bytes)
+            .map_err(|e| stream_error(&self.name, at, e))
+    }
+}
+
+/// A reader that went away (`| head`) is said plainly.
+fn stream_error(name: &str, at: u64, e: std::io::Error) -> Error {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        Error::usage(
+            name,
+            format!("the reader closed the stream while byte {at} was being written: the output is incomplete"),
+        )
+    } else {
+        Error::io(name, "writing the stream", at, e)
+    }
+}
+
+impl JobWriter<RawJob> for StreamWriter<'_> {
+    fn write(&mut self, job: RawJob, data: &[u8]) -> Result<()> {
+        let base = job.window.offset;
+        for piece in job.pieces() {
+            match piece {
+                Ok(r) => self.put(&data[r.start..r.end], base + r.start as u64)?,
+                Err(gap) => {
+                    let mut at = gap.start;
+                    while at < gap.end {
+                        let n = (gap.end - at).min(self.zeros.len());
+                        let zeros = std::mem::take(&mut self.zeros);
+                        let res = self.put(&zeros[..n], base + at as u64);
+                        self.zeros = zeros;
+                        res?;
+                        at += n;
+                    }
+                }
+            }
         }
         Ok(())
     }
