@@ -527,7 +527,30 @@ fn every_level_restores_to_the_disk_at_backup_time() {
     vm.write(4, 5 * MIB, 64 * 1024, 0x4c);
     vm.zero(4, 0, 128 * 1024); // zeros over backing data must restore as zeros
     wait_ts_tick();
-    backup_ok(&vm, &["backup", "-l", "inc", "-t", &ts, "--include-raw"]);
+    let (code, out, err) = qmpbackup(
+        &vm,
+        &["backup", "-l", "inc", "-t", &ts, "--include-raw", "--json"],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    // The summary says what was copied, not how big the disks are.
+    let events = json_events(&out);
+    let disks = events.last().unwrap()["summary"]["disks"]
+        .as_array()
+        .unwrap()
+        .clone();
+    let d1 = disks
+        .iter()
+        .find(|d| d["file"].as_str().unwrap().contains("d1.qcow2"))
+        .unwrap();
+    let (copied, scanned) = (
+        d1["bytes"].as_u64().unwrap(),
+        d1["scanned"].as_u64().unwrap(),
+    );
+    // The job went over the bitmap's dirty clusters; what was copied is the data among them.
+    assert!(
+        (68 * 1024..=scanned).contains(&copied) && scanned < MIB as u64,
+        "{d1}"
+    );
     let m_inc1 = vm.snapshot_models();
     vm.write(0, 5 * MIB, 64 * 1024, 0x5c);
     vm.write(1, 0, 4096, 0x6c);
@@ -603,6 +626,42 @@ fn every_level_restores_to_the_disk_at_backup_time() {
             ],
         );
         assert!(info.contains("\"compat\": \"1.1\""), "{info}");
+    }
+    // The whole VM in one command, raw, at the first INC's time (later runs exist).
+    let inc1_time: String = files(&t.join("d1.qcow2"), "INC-")[0]
+        .split('-')
+        .nth(1)
+        .unwrap()
+        .to_string();
+    let out_dir = tmp.path().join("vm-restore");
+    let out = Command::new(env!("CARGO_BIN_EXE_qmprestore"))
+        .args(["merge", "--vm-dir", &ts, "--targetdir"])
+        .arg(&out_dir)
+        .args(["--until", &inc1_time, "--format", "raw"])
+        .env("PATH", "/nonexistent")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for (i, d) in vm.disks.iter().enumerate() {
+        let name = Path::new(&d.file)
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        let restored = if name.ends_with(".raw") {
+            name.clone()
+        } else {
+            format!("{name}.raw")
+        };
+        let got = std::fs::read(out_dir.join(&restored)).unwrap();
+        assert!(
+            got == m_inc1[i],
+            "{name}: whole-VM restore differs from the first INC's point"
+        );
     }
     // The overlay's FULL stays sparse (zeros read through the fleecing node are unmapped).
     let ov_full = t

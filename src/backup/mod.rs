@@ -145,8 +145,12 @@ pub struct DiskSummary {
     pub disk: String,
     pub level: BackupLevel,
     pub file: String,
+    /// Guest bytes of data the backup file holds: what was actually copied.
     pub bytes: u64,
+    /// Guest bytes the job went over (the disk's size for a full backup).
+    pub scanned: u64,
     pub seconds: f64,
+    /// Copied bytes per second.
     pub bytes_per_second: f64,
 }
 
@@ -522,14 +526,16 @@ pub async fn backup(
             }
         }
         write_config(p, dir);
+        let copied = copied_bytes(&p.final_path).unwrap_or(r.bytes);
         summary.disks.push(DiskSummary {
             disk: p.disk.label(),
             level: p.level,
             file: p.final_path.display().to_string(),
-            bytes: r.bytes,
+            bytes: copied,
+            scanned: r.bytes,
             seconds: r.seconds,
             bytes_per_second: if r.seconds > 0.0 {
-                r.bytes as f64 / r.seconds
+                copied as f64 / r.seconds
             } else {
                 0.0
             },
@@ -643,6 +649,18 @@ fn create_image(dir: &Dir, path: &std::path::Path, opts: &CreateOptions) -> Resu
     Ok(identity)
 }
 
+/// Guest bytes of data in a new backup file (read from its metadata alone).
+fn copied_bytes(path: &std::path::Path) -> Result<u64> {
+    let chain = qcow2::Chain::open(
+        path,
+        &qcow2::OpenOptions {
+            format: Some(qcow2::Format::Qcow2),
+            no_backing: true,
+        },
+    )?;
+    Ok(qcow2::ops::map::data_bytes(&chain)?)
+}
+
 /// `<name>.config`: the source image's info as `qemu-img info --output json` shows it.
 fn write_config(p: &Planned, dir: &Dir) {
     let name = config_name(&p.disk.name);
@@ -667,10 +685,11 @@ impl Summary {
         let mut s = String::new();
         for d in &self.disks {
             s.push_str(&format!(
-                "{:<16} {:<4} {:>10} in {:>6.1} s ({}/s)  {}\n",
+                "{:<16} {:<4} {:>10} copied of {:>10} in {:>6.1} s ({}/s)  {}\n",
                 d.disk,
                 d.level.prefix(),
                 report::bytes(d.bytes),
+                report::bytes(d.scanned),
                 d.seconds,
                 report::bytes(d.bytes_per_second as u64),
                 d.file

@@ -16,6 +16,7 @@ use crate::store::manifest::verify::verify_manifest;
 use anyhow::{bail, Context, Result};
 use qcow2::chain::Layer;
 use qcow2::ops::commit::commit_into;
+use qcow2::ops::map::data_bytes;
 use qcow2::ops::rebase::{rebase as qcow2_rebase, RebaseOptions};
 use qcow2::ops::throttle::Throttle;
 use qcow2::repair::{repair, RepairMode};
@@ -447,25 +448,6 @@ fn finish_commit(full: &BackupFile, meter: &Meter, reporting: &Reporting) {
     let (bytes, seconds) = meter.finish();
     reporting.event(serde_json::json!({"event": "summary", "summary": {
         "full": full.name, "bytes_written": bytes, "seconds": seconds}}));
-}
-
-/// Guest bytes that map to data in `chain` (what a copy of it reads and may write).
-pub fn data_bytes(chain: &qcow2::Chain) -> Result<u64> {
-    const STEP: u64 = 1 << 30;
-    let size = chain.virtual_size();
-    let mut total = 0;
-    let mut offset = 0;
-    while offset < size {
-        let len = STEP.min(size - offset);
-        total += chain
-            .map(offset, len)?
-            .iter()
-            .filter(|e| !e.reads_as_zero())
-            .map(|e| e.len)
-            .sum::<u64>();
-        offset += len;
-    }
-    Ok(total)
 }
 
 /// The chain's files as one disk, newest on top, every read checked against the files'

@@ -4,9 +4,7 @@
 
 use crate::progress::Reporting;
 use crate::report;
-use crate::restore::commands::{
-    data_bytes, full_cluster_size, open_stack, preflight, select_chain,
-};
+use crate::restore::commands::{full_cluster_size, open_stack, preflight, select_chain};
 use crate::restore::options::{CheckOptions, Common};
 use crate::store::chain::BackupChain;
 use crate::store::lock::{lock_dir, LockMode};
@@ -17,6 +15,7 @@ use anyhow::{bail, Context, Result};
 use qcow2::device::{open_in_place, InPlaceTarget};
 use qcow2::ops::convert::{self, Qcow2ConvertOptions, RawOutput};
 use qcow2::ops::copy::sinks::CopyStats;
+use qcow2::ops::map::data_bytes;
 use qcow2::ops::throttle::Throttle;
 use serde::Serialize;
 use serde_json::json;

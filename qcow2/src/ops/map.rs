@@ -158,3 +158,23 @@ pub fn write_human(chain: &Chain, out: &mut dyn std::io::Write) -> Result<()> {
     }
     Ok(())
 }
+
+/// Guest bytes that map to data (plain or compressed) in `chain`: what a copy of it reads,
+/// and at most what it writes. Mapped a gibibyte at a time, so memory stays bounded.
+pub fn data_bytes(chain: &Chain) -> Result<u64> {
+    const STEP: u64 = 1 << 30;
+    let size = chain.virtual_size();
+    let mut total = 0;
+    let mut offset = 0;
+    while offset < size {
+        let len = STEP.min(size - offset);
+        total += chain
+            .map(offset, len)?
+            .iter()
+            .filter(|e| !e.reads_as_zero())
+            .map(|e| e.len)
+            .sum::<u64>();
+        offset += len;
+    }
+    Ok(total)
+}
