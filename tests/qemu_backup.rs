@@ -548,7 +548,7 @@ fn every_level_restores_to_the_disk_at_backup_time() {
     );
     // The job went over the bitmap's dirty clusters; what was copied is the data among them.
     assert!(
-        (68 * 1024..=scanned).contains(&copied) && scanned < MIB as u64,
+        (68 * 1024..=scanned).contains(&copied) && scanned < MIB,
         "{d1}"
     );
     let m_inc1 = vm.snapshot_models();
