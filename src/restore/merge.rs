@@ -175,6 +175,15 @@ fn refuse_backup_file(target: &InPlaceTarget, chain: &BackupChain) -> Result<()>
     Ok(())
 }
 
+/// The directory a new target goes into, created if missing.
+fn create_parent(target: &Path) -> Result<()> {
+    if let Some(parent) = target.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("{}: cannot create directory", parent.display()))?;
+    }
+    Ok(())
+}
+
 /// Restores `chain` (already preflighted) to `dest`.
 fn restore_chain(
     chain: &BackupChain,
@@ -219,18 +228,12 @@ fn restore_chain(
     ));
     let result: Result<CopyStats> = match (dest, opts.format) {
         (Destination::NewFile(p), TargetFormat::Qcow2) => {
-            if let Some(parent) = p.parent().filter(|p| !p.as_os_str().is_empty()) {
-                std::fs::create_dir_all(parent)
-                    .with_context(|| format!("{}: cannot create directory", parent.display()))?;
-            }
+            create_parent(p)?;
             convert::to_qcow2_observed(&stack, p, &qcow2_opts, &mut observer)
                 .with_context(|| format!("{shown}: restore failed; no target was left behind"))
         }
         (Destination::NewFile(p), TargetFormat::Raw) => {
-            if let Some(parent) = p.parent().filter(|p| !p.as_os_str().is_empty()) {
-                std::fs::create_dir_all(parent)
-                    .with_context(|| format!("{}: cannot create directory", parent.display()))?;
-            }
+            create_parent(p)?;
             let out = RawOutput::NewFile {
                 dest: p,
                 overwrite: false,
