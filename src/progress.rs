@@ -42,13 +42,8 @@ impl Reporting {
     /// A meter for `total` bytes of work on `label` (a disk, a file).
     pub fn meter(&self, label: &str, total: u64) -> Meter {
         let bar = (!self.json && !self.quiet && std::io::stderr().is_terminal()).then(|| {
-            let style = indicatif::ProgressStyle::with_template(
-                "{prefix:>16} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-            .progress_chars("=> ");
             let b = indicatif::ProgressBar::new(total.max(1));
-            b.set_style(style);
+            b.set_style(bar_style());
             b.set_prefix(label.to_string());
             b
         });
@@ -64,6 +59,15 @@ impl Reporting {
             }),
         }
     }
+}
+
+/// How every progress bar looks: the disk, the bar, bytes done of the total, rate, ETA.
+pub fn bar_style() -> indicatif::ProgressStyle {
+    indicatif::ProgressStyle::with_template(
+        "{prefix:>16} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+    )
+    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+    .progress_chars("=> ")
 }
 
 struct State {
@@ -125,15 +129,9 @@ impl Meter {
         }
         (s.done, s.start.elapsed().as_secs_f64())
     }
-
-    /// The work stopped before the end: the bar is left where it was.
-    pub fn abandon(&self) {
-        if let Some(b) = &self.bar {
-            b.abandon();
-        }
-    }
 }
 
+/// Work that stopped before the end leaves its bar where it was.
 impl Drop for Meter {
     fn drop(&mut self) {
         if let Some(b) = &self.bar {

@@ -6,10 +6,8 @@
 
 use crate::error::{Error, Result};
 use crate::storage::{kind_of, FileStorage};
-use std::fs::File;
 use std::io;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -97,7 +95,7 @@ pub fn open_in_place(path: &Path, needed: u64) -> Result<InPlaceTarget> {
         ),
         _ => Error::io(&shown, "cannot open the target for writing", 0, e),
     })?;
-    if let Some(what) = qemu_lock_holder(&file) {
+    if let Some(what) = crate::lock::qemu_user(&file) {
         return Err(Error::usage(
             &shown,
             format!(
@@ -158,29 +156,11 @@ fn holders_of(major: u64, minor: u64) -> Vec<String> {
     out
 }
 
-/// QEMU's lock bytes are 100..=299 (see [`crate::lock`]): any lock another open file
-/// description holds there means a QEMU process has the target open. Says which kind.
-fn qemu_lock_holder(file: &File) -> Option<&'static str> {
-    // SAFETY: zeroed flock is a valid value; F_OFD_GETLK fills it in.
-    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
-    fl.l_type = libc::F_WRLCK as libc::c_short;
-    fl.l_whence = libc::SEEK_SET as libc::c_short;
-    fl.l_start = 100;
-    fl.l_len = 200;
-    let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_GETLK, &mut fl) };
-    if rc != 0 || fl.l_type == libc::F_UNLCK as libc::c_short {
-        return None;
-    }
-    Some(if fl.l_start == 101 || fl.l_start == 201 {
-        "it holds QEMU's write lock"
-    } else {
-        "it holds QEMU's image locks"
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs::File;
+    use std::os::unix::io::AsRawFd;
 
     #[test]
     fn device_numbers_split_as_glibc_does() {

@@ -57,18 +57,39 @@ pub fn lock_for_write(file: &File, path: &str) -> Result<()> {
     Ok(())
 }
 
-/// Whether another open file description holds QEMU's "I use write permission" lock on
-/// the image: a running QEMU (or qemu-img, qemu-io, qemu-nbd) writing it. Filesystems
-/// without OFD locks answer false.
-pub fn writer_present(file: &File) -> bool {
+/// The first byte in `[start, start+len)` on which another open file description holds a
+/// lock (OFD locks, which QEMU uses); None when there is none, or the filesystem has no
+/// OFD locks.
+fn locked_byte(file: &File, start: i64, len: i64) -> Option<i64> {
     // SAFETY: zeroed flock is a valid value; F_OFD_GETLK fills it in.
     let mut fl: libc::flock = unsafe { std::mem::zeroed() };
     fl.l_type = libc::F_WRLCK as libc::c_short;
     fl.l_whence = libc::SEEK_SET as libc::c_short;
-    fl.l_start = (USE_BASE + PERM_WRITE) as libc::off_t;
-    fl.l_len = 1;
+    fl.l_start = start as libc::off_t;
+    fl.l_len = len as libc::off_t;
     let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_GETLK, &mut fl) };
-    rc == 0 && fl.l_type != libc::F_UNLCK as libc::c_short
+    (rc == 0 && fl.l_type != libc::F_UNLCK as libc::c_short).then_some(fl.l_start as i64)
+}
+
+/// Whether another open file description holds QEMU's "I use write permission" lock on
+/// the image: a running QEMU (or qemu-img, qemu-io, qemu-nbd) writing it. Filesystems
+/// without OFD locks answer false.
+pub fn writer_present(file: &File) -> bool {
+    locked_byte(file, USE_BASE + PERM_WRITE, 1).is_some()
+}
+
+/// Whether a QEMU process (a VM, qemu-nbd, qemu-img, qemu-io) has the file open at all: it
+/// holds some of its lock bytes (100..=299) there, reading or writing. Says which when it
+/// can: its write lock, or its other image locks.
+pub fn qemu_user(file: &File) -> Option<&'static str> {
+    let byte = locked_byte(file, USE_BASE, 2 * (FORBID_BASE - USE_BASE))?;
+    Some(
+        if byte == USE_BASE + PERM_WRITE || byte == FORBID_BASE + PERM_WRITE {
+            "it holds QEMU's write lock"
+        } else {
+            "it holds QEMU's image locks"
+        },
+    )
 }
 
 /// [`writer_present`] for a path (opened read-only, without blocking on a FIFO); false

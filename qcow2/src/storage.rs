@@ -37,14 +37,16 @@ pub trait Storage: Send + Sync {
     }
 }
 
+/// A mebibyte of zeros, for writers that must write zeros as bytes (zero pages, no cost
+/// until read).
+pub static ZEROS: [u8; 1 << 20] = [0; 1 << 20];
+
 /// Writes `len` zero bytes at `offset`, a mebibyte at a time.
 pub fn write_zeros<S: Storage + ?Sized>(s: &S, offset: u64, len: u64) -> io::Result<()> {
-    const CHUNK: u64 = 1 << 20;
-    let zeros = vec![0u8; CHUNK.min(len) as usize];
     let mut done = 0;
     while done < len {
-        let n = CHUNK.min(len - done);
-        s.write_at(&zeros[..n as usize], offset + done)?;
+        let n = (ZEROS.len() as u64).min(len - done);
+        s.write_at(&ZEROS[..n as usize], offset + done)?;
         done += n;
     }
     Ok(())
@@ -146,10 +148,10 @@ pub fn block_device_size(file: &File) -> io::Result<u64> {
 const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
 const BLKZEROOUT: libc::c_ulong = 0x127f;
 
-/// The device size when `file` is a block device.
-fn device_size_of(file: &File) -> io::Result<Option<u64>> {
+/// The device size when `file`, of type `t`, is a block device.
+fn device_size_of(file: &File, t: &std::fs::FileType) -> io::Result<Option<u64>> {
     use std::os::unix::fs::FileTypeExt;
-    if file.metadata()?.file_type().is_block_device() {
+    if t.is_block_device() {
         Ok(Some(block_device_size(file)?))
     } else {
         Ok(None)
@@ -184,7 +186,7 @@ impl FileStorage {
                 libc::fcntl(file.as_raw_fd(), libc::F_SETFL, fl & !libc::O_NONBLOCK);
             }
         }
-        let device_size = device_size_of(&file)?;
+        let device_size = device_size_of(&file, &t)?;
         Ok(FileStorage {
             file,
             writable,
@@ -212,7 +214,7 @@ impl FileStorage {
 
     /// Storage on a file opened by the caller (a block device's size is read here).
     pub fn from_file(file: File, writable: bool) -> io::Result<Self> {
-        let device_size = device_size_of(&file)?;
+        let device_size = device_size_of(&file, &file.metadata()?.file_type())?;
         Ok(FileStorage {
             file,
             writable,

@@ -465,11 +465,7 @@ impl Progress {
         use std::io::IsTerminal;
         let bars = (!json && std::io::stderr().is_terminal()).then(|| {
             let mp = indicatif::MultiProgress::new();
-            let style = indicatif::ProgressStyle::with_template(
-                "{prefix:>16} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-            .progress_chars("=> ");
+            let style = crate::progress::bar_style();
             let bars = disks
                 .iter()
                 .map(|p| {

@@ -2,6 +2,7 @@
 //! existing block device or file written in place, or a raw stream on standard output —
 //! for one disk, or for every disk of a VM at one point in time. The backups are only read.
 
+use crate::fsutil;
 use crate::progress::Reporting;
 use crate::report;
 use crate::restore::commands::{full_cluster_size, open_stack, preflight, select_chain};
@@ -160,10 +161,10 @@ fn destination(target: &Path, opts: &MergeOptions) -> Result<Destination> {
 
 /// A target written in place must not be one of the backups being read.
 fn refuse_backup_file(target: &InPlaceTarget, chain: &BackupChain) -> Result<()> {
-    let t = std::fs::metadata(&target.path)?;
+    let opened = fsutil::identity(target.storage.file())?;
     for f in chain.files() {
         if let Ok(m) = std::fs::metadata(&f.path) {
-            if (m.dev(), m.ino()) == (t.dev(), t.ino()) {
+            if (m.dev(), m.ino()) == opened {
                 bail!(
                     "{}: is the backup file {} itself; restore somewhere else",
                     target.path.display(),
@@ -281,13 +282,7 @@ fn restore_chain(
                 .map_err(anyhow::Error::from)
         }
     };
-    let stats = match result {
-        Ok(s) => s,
-        Err(e) => {
-            meter.abandon();
-            return Err(e);
-        }
-    };
+    let stats = result?;
     let (_, seconds) = meter.finish();
     let uuid = chain.uuid()?;
     let manifest_at = match (dest, &opts.manifest) {

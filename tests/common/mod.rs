@@ -33,6 +33,14 @@ pub fn restore(cwd: &Path, args: &[&str]) -> (i32, String, String) {
     )
 }
 
+/// Runs qmprestore, which must fail with exit 1 saying `why`; returns its stderr.
+pub fn refused(cwd: &Path, args: &[&str], why: &str) -> String {
+    let (code, out, err) = restore(cwd, args);
+    assert_eq!(code, 1, "qmprestore {args:?} should fail: {out}{err}");
+    assert!(err.contains(why), "qmprestore {args:?}: {err}");
+    err
+}
+
 pub fn restore_ok(cwd: &Path, args: &[&str]) -> String {
     let (c, o, e) = restore(cwd, args);
     assert_eq!(c, 0, "qmprestore {args:?}: {o}{e}");

@@ -12,7 +12,7 @@ use crate::create::{init_qcow2, CreateOptions};
 use crate::device::{InPlaceKind, InPlaceTarget};
 use crate::error::{Error, IoContext, Result};
 use crate::image::Qcow2;
-use crate::mapping::ExtentKind;
+use crate::ops::map::for_each_extent;
 use crate::ops::throttle::Throttle;
 use crate::storage::{PendingFile, Storage};
 use std::path::Path;
@@ -100,7 +100,10 @@ pub fn to_raw_observed(
             sink.progress.stats.bytes_zeroed = writer.zeroed;
         }
         RawOutput::Stream { out, name } => {
-            let writer = StreamWriter::new(&mut *out, name.clone());
+            let writer = StreamWriter {
+                out: &mut *out,
+                name: name.clone(),
+            };
             copy::run(plan, read, &mut sink, writer)?;
             out.flush()
                 .map_err(|e| Error::io(&name, "writing the stream", size, e))?;
@@ -142,27 +145,45 @@ pub fn to_qcow2_observed(
     let storage = out
         .create_storage()
         .on_file(&dest_s, "cannot create output")?;
+    let tmp = out.tmp_path().display().to_string();
+    let stats = write_qcow2(
+        chain,
+        Arc::new(storage),
+        &tmp,
+        dest.parent(),
+        opts,
+        opts.share_blocks,
+        observer,
+    )?;
+    out.commit().on_file(&dest_s, "cannot finish output")?;
+    Ok(stats)
+}
+
+/// Creates a qcow2 image of the chain's size (or `opts`') in `storage` and copies the chain
+/// into it, flushed: the body of every conversion to qcow2.
+fn write_qcow2(
+    chain: &Chain,
+    storage: Arc<dyn Storage>,
+    path: &str,
+    dir: Option<&Path>,
+    opts: &Qcow2ConvertOptions,
+    share_blocks: bool,
+    observer: WriteObserver<'_>,
+) -> Result<CopyStats> {
     let mut copts = opts.create.clone();
     if copts.size == 0 {
         copts.size = chain.virtual_size();
     }
-    let mut img = init_qcow2(
-        Arc::new(storage),
-        &out.tmp_path().display().to_string(),
-        dest.parent(),
-        &copts,
-    )?;
+    let mut img = init_qcow2(storage, path, dir, &copts)?;
     let stats = copy_into_observed(
         chain,
         &mut img,
         opts.compress,
-        opts.share_blocks,
+        share_blocks,
         &mut Throttle::new(opts.rate_limit),
         observer,
     )?;
     img.flush()?;
-    drop(img);
-    out.commit().on_file(&dest_s, "cannot finish output")?;
     Ok(stats)
 }
 
@@ -181,21 +202,8 @@ pub fn to_qcow2_in_place_observed(
     if target.kind == InPlaceKind::RegularFile {
         storage.set_len(0).at(&path, "emptying", 0)?;
     }
-    let mut copts = opts.create.clone();
-    if copts.size == 0 {
-        copts.size = chain.virtual_size();
-    }
-    let mut img = init_qcow2(storage.clone(), &path, target.path.parent(), &copts)?;
-    let stats = copy_into_observed(
-        chain,
-        &mut img,
-        opts.compress,
-        false,
-        &mut Throttle::new(opts.rate_limit),
-        observer,
-    )?;
-    img.flush()?;
-    drop(img);
+    let dir = target.path.parent();
+    let stats = write_qcow2(chain, storage.clone(), &path, dir, opts, false, observer)?;
     storage.flush().at(&path, "flushing", 0)?;
     Ok(stats)
 }
@@ -205,7 +213,6 @@ pub fn to_qcow2_in_place_observed(
 /// table, refcount structures, the header, and room for the refcount table to move as it
 /// grows. What a device must hold for [`to_qcow2_in_place_observed`].
 pub fn qcow2_size_bound(chain: &Chain, opts: &CreateOptions) -> Result<u64> {
-    const STEP: u64 = 1 << 30;
     let cs = opts.cluster_size;
     let size = chain.virtual_size().max(opts.size);
     let l2_entry = if opts.extended_l2 { 16 } else { 8 };
@@ -213,22 +220,17 @@ pub fn qcow2_size_bound(chain: &Chain, opts: &CreateOptions) -> Result<u64> {
     let mut data_clusters = 0u64;
     let mut l2_tables = 0u64;
     let (mut last_cluster, mut last_l2) = (u64::MAX, u64::MAX);
-    let mut offset = 0;
-    while offset < size {
-        let len = STEP.min(size - offset);
-        for e in chain.map(offset, len)? {
-            if matches!(e.kind, ExtentKind::Zero { .. } | ExtentKind::Unallocated) {
-                continue;
-            }
-            let (first, last) = (e.start / cs, (e.end() - 1) / cs);
-            data_clusters += last - first + 1 - u64::from(first == last_cluster);
-            last_cluster = last;
-            let (l2_first, l2_last) = (e.start / per_l2, (e.end() - 1) / per_l2);
-            l2_tables += l2_last - l2_first + 1 - u64::from(l2_first == last_l2);
-            last_l2 = l2_last;
+    for_each_extent(chain, |e| {
+        if e.reads_as_zero() {
+            return;
         }
-        offset += len;
-    }
+        let (first, last) = (e.start / cs, (e.end() - 1) / cs);
+        data_clusters += last - first + 1 - u64::from(first == last_cluster);
+        last_cluster = last;
+        let (l2_first, l2_last) = (e.start / per_l2, (e.end() - 1) / per_l2);
+        l2_tables += l2_last - l2_first + 1 - u64::from(l2_first == last_l2);
+        last_l2 = l2_last;
+    })?;
     let l1_clusters = (size.div_ceil(per_l2) * 8).div_ceil(cs);
     let mut clusters = 1 + l1_clusters + l2_tables + data_clusters;
     let per_block = cs * 8 / u64::from(opts.refcount_bits.max(1));

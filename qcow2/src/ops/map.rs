@@ -159,22 +159,28 @@ pub fn write_human(chain: &Chain, out: &mut dyn std::io::Write) -> Result<()> {
     Ok(())
 }
 
-/// Guest bytes that map to data (plain or compressed) in `chain`: what a copy of it reads,
-/// and at most what it writes. Mapped a gibibyte at a time, so memory stays bounded.
-pub fn data_bytes(chain: &Chain) -> Result<u64> {
+/// Calls `f` with every extent of `chain` in guest order, mapped a gibibyte at a time so
+/// memory stays bounded whatever the disk's size.
+pub fn for_each_extent(chain: &Chain, mut f: impl FnMut(&Extent)) -> Result<()> {
     const STEP: u64 = 1 << 30;
     let size = chain.virtual_size();
-    let mut total = 0;
     let mut offset = 0;
     while offset < size {
         let len = STEP.min(size - offset);
-        total += chain
-            .map(offset, len)?
-            .iter()
-            .filter(|e| !e.reads_as_zero())
-            .map(|e| e.len)
-            .sum::<u64>();
+        chain.map(offset, len)?.iter().for_each(&mut f);
         offset += len;
     }
+    Ok(())
+}
+
+/// Guest bytes that map to data (plain or compressed) in `chain`: what a copy of it reads,
+/// and at most what it writes.
+pub fn data_bytes(chain: &Chain) -> Result<u64> {
+    let mut total = 0;
+    for_each_extent(chain, |e| {
+        if !e.reads_as_zero() {
+            total += e.len;
+        }
+    })?;
     Ok(total)
 }

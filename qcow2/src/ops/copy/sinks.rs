@@ -10,7 +10,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::format::header::CompressionType;
 use crate::image::{Backing, Qcow2};
 use crate::ops::throttle::Throttle;
-use crate::storage::{clone_range, CloneOutcome, Storage};
+use crate::storage::{clone_range, CloneOutcome, Storage, ZEROS};
 use std::sync::Arc;
 
 /// Called with every run of guest data written to the output, in guest order.
@@ -388,15 +388,17 @@ impl InPlaceRawWriter {
         }
     }
 
-    fn zero_later(&mut self, start: u64, end: u64) {
+    /// Adds `[start, end)` to the pending range (zeroing what was pending first when the
+    /// two do not touch).
+    fn zero_later(&mut self, start: u64, end: u64) -> Result<()> {
         match &mut self.pending {
             Some((_, e)) if *e == start => *e = end,
             _ => {
-                // Not adjacent: cannot happen in guest order, but stay correct.
-                let _ = self.zero_pending();
+                self.zero_pending()?;
                 self.pending = Some((start, end));
             }
         }
+        Ok(())
     }
 
     /// Zeroes the pending range; call once after the copy too.
@@ -424,7 +426,7 @@ impl JobWriter<RawJob> for &mut InPlaceRawWriter {
                         .at(&self.path, "writing", at)?;
                 }
                 Err(gap) if self.zero => {
-                    self.zero_later(base + gap.start as u64, base + gap.end as u64)
+                    self.zero_later(base + gap.start as u64, base + gap.end as u64)?
                 }
                 Err(_) => {}
             }
@@ -438,18 +440,9 @@ impl JobWriter<RawJob> for &mut InPlaceRawWriter {
 pub struct StreamWriter<'a> {
     pub out: &'a mut (dyn std::io::Write + Send),
     pub name: String,
-    zeros: Vec<u8>,
 }
 
-impl<'a> StreamWriter<'a> {
-    pub fn new(out: &'a mut (dyn std::io::Write + Send), name: String) -> StreamWriter<'a> {
-        StreamWriter {
-            out,
-            name,
-            zeros: vec![0u8; 1 << 20],
-        }
-    }
-
+impl StreamWriter<'_> {
     fn put(&mut self, bytes: &[u8], at: u64) -> Result<()> {
         self.out
             .write_all(bytes)
@@ -478,11 +471,8 @@ impl JobWriter<RawJob> for StreamWriter<'_> {
                 Err(gap) => {
                     let mut at = gap.start;
                     while at < gap.end {
-                        let n = (gap.end - at).min(self.zeros.len());
-                        let zeros = std::mem::take(&mut self.zeros);
-                        let res = self.put(&zeros[..n], base + at as u64);
-                        self.zeros = zeros;
-                        res?;
+                        let n = (gap.end - at).min(ZEROS.len());
+                        self.put(&ZEROS[..n], base + at as u64)?;
                         at += n;
                     }
                 }
