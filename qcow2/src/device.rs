@@ -103,8 +103,11 @@ pub fn open_in_place(path: &Path, needed: u64) -> Result<InPlaceTarget> {
             ),
         ));
     }
+    // Bulk writes over a device or a disk go around the page cache (see
+    // `with_direct_writes`).
     let storage = FileStorage::from_file(file, true)
-        .map_err(|e| Error::io(&shown, "cannot read the device size", 0, e))?;
+        .map_err(|e| Error::io(&shown, "cannot read the device size", 0, e))?
+        .with_direct_writes();
     if let Some(size) = storage.device_size() {
         if size < needed {
             return Err(Error::usage(

@@ -8,6 +8,7 @@
 //! home module.
 
 pub mod alloc;
+pub mod buffer;
 pub mod cache;
 pub mod chain;
 pub mod check;

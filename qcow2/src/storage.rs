@@ -5,6 +5,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::RwLock;
 
 pub trait Storage: Send + Sync {
@@ -129,6 +130,26 @@ pub struct FileStorage {
     writable: bool,
     /// A block device's size (its length is not in its metadata); None for a file.
     device_size: Option<u64>,
+    /// The same file opened `O_DIRECT`, for aligned writes (see
+    /// [`FileStorage::with_direct_writes`]).
+    direct: Option<File>,
+    /// Cleared when the kernel refuses a direct write (EINVAL): buffered from then on.
+    direct_ok: AtomicBool,
+}
+
+/// Whether `file` lives on a memory filesystem (tmpfs, ramfs): there the page cache is
+/// the storage, and direct I/O only adds work (measured: twice the time on tmpfs).
+fn in_memory(file: &File) -> bool {
+    use std::os::unix::io::AsRawFd;
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    const RAMFS_MAGIC: i64 = 0x8584_58f6;
+    // SAFETY: fstatfs fills the struct we pass, valid for the call.
+    let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::fstatfs(file.as_raw_fd(), &mut fs) } != 0 {
+        return false;
+    }
+    let kind = fs.f_type as i64;
+    kind == TMPFS_MAGIC || kind == RAMFS_MAGIC
 }
 
 /// The size of the block device open as `file` (BLKGETSIZE64).
@@ -187,11 +208,7 @@ impl FileStorage {
             }
         }
         let device_size = device_size_of(&file, &t)?;
-        Ok(FileStorage {
-            file,
-            writable,
-            device_size,
-        })
+        Ok(FileStorage::new(file, writable, device_size))
     }
 
     /// Creates a new file; fails if anything exists at the path (a symlink included: it is
@@ -205,21 +222,77 @@ impl FileStorage {
             .custom_flags(libc::O_NOFOLLOW)
             .mode(0o666)
             .open(path)?;
-        Ok(FileStorage {
-            file,
-            writable: true,
-            device_size: None,
-        })
+        Ok(FileStorage::new(file, true, None))
     }
 
     /// Storage on a file opened by the caller (a block device's size is read here).
     pub fn from_file(file: File, writable: bool) -> io::Result<Self> {
         let device_size = device_size_of(&file, &file.metadata()?.file_type())?;
-        Ok(FileStorage {
+        Ok(FileStorage::new(file, writable, device_size))
+    }
+
+    fn new(file: File, writable: bool, device_size: Option<u64>) -> FileStorage {
+        FileStorage {
             file,
             writable,
             device_size,
-        })
+            direct: None,
+            direct_ok: AtomicBool::new(false),
+        }
+    }
+
+    /// Writes aligned buffers ([`crate::buffer::is_direct_aligned`]) with direct I/O from
+    /// here on, through a second descriptor of the same file opened `O_DIRECT`: bulk
+    /// writes of a restore then skip the page cache (no copy into it, no fresh pages to
+    /// find, no writeback afterwards), which on a device or a disk-backed file is several
+    /// times faster than buffered writes plus the final flush. Everything else (unaligned
+    /// writes, reads, metadata) stays buffered; the kernel keeps the two coherent. Where
+    /// the file cannot be reopened so, or the first direct write is refused, writes stay
+    /// buffered: this is a speed-up, never a requirement.
+    pub fn with_direct_writes(mut self) -> FileStorage {
+        use std::os::unix::fs::OpenOptionsExt;
+        use std::os::unix::io::AsRawFd;
+        // A device node lives on devtmpfs: only a regular file's filesystem tells.
+        if !self.writable || (self.device_size.is_none() && in_memory(&self.file)) {
+            return self;
+        }
+        // /proc/self/fd/N reopens this very file (not whatever its path names now).
+        let fd_path = format!("/proc/self/fd/{}", self.file.as_raw_fd());
+        self.direct = OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_DIRECT | libc::O_CLOEXEC)
+            .open(fd_path)
+            .ok();
+        self.direct_ok = AtomicBool::new(self.direct.is_some());
+        self
+    }
+
+    /// Whether aligned writes go around the page cache.
+    pub fn writes_direct(&self) -> bool {
+        self.direct_ok.load(Ordering::Relaxed)
+    }
+
+    /// Writes the direct-aligned head of `buf` with direct I/O, when on; returns how many
+    /// bytes it wrote (0: write it all buffered).
+    fn write_direct_head(&self, buf: &[u8], offset: u64) -> io::Result<usize> {
+        use crate::buffer::{is_direct_aligned, DIRECT_ALIGN};
+        let (Some(direct), true) = (&self.direct, self.writes_direct()) else {
+            return Ok(0);
+        };
+        let head = buf.len() / DIRECT_ALIGN * DIRECT_ALIGN;
+        if head == 0 || !is_direct_aligned(&buf[..head], offset) {
+            return Ok(0);
+        }
+        match direct.write_all_at(&buf[..head], offset) {
+            Ok(()) => Ok(head),
+            // This file or device takes no direct I/O after all (or not at this
+            // alignment): rewrite buffered, and do not try again.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                self.direct_ok.store(false, Ordering::Relaxed);
+                Ok(0)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// The block device's size, when this is one.
@@ -255,7 +328,11 @@ impl Storage for FileStorage {
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         fault::before_write()?;
-        self.file.write_all_at(buf, offset)
+        let done = self.write_direct_head(buf, offset)?;
+        if done < buf.len() {
+            self.file.write_all_at(&buf[done..], offset + done as u64)?;
+        }
+        Ok(())
     }
 
     fn len(&self) -> io::Result<u64> {
@@ -582,5 +659,57 @@ impl Drop for PendingFile {
         if !self.done {
             let _ = std::fs::remove_file(&self.tmp);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::buffer::{AlignedBuf, DIRECT_ALIGN};
+
+    /// /var/tmp is on a disk where /tmp may be tmpfs (which may not take O_DIRECT).
+    fn disk_tempdir() -> tempfile::TempDir {
+        tempfile::tempdir_in("/var/tmp")
+            .or_else(|_| tempfile::tempdir())
+            .unwrap()
+    }
+
+    /// Whatever mix of aligned and unaligned writes goes through the direct descriptor or
+    /// the buffered one, reads (buffered) see every byte as written.
+    #[test]
+    fn direct_and_buffered_writes_mix_coherently() {
+        let dir = disk_tempdir();
+        let s = FileStorage::create_new(&dir.path().join("f"))
+            .unwrap()
+            .with_direct_writes();
+        let mut model = vec![0u8; 64 * DIRECT_ALIGN];
+        let mut put = |s: &FileStorage, data: &[u8], at: usize| {
+            s.write_at(data, at as u64).unwrap();
+            model[at..at + data.len()].copy_from_slice(data);
+        };
+        let mut big = AlignedBuf::new(16 * DIRECT_ALIGN);
+        big.iter_mut()
+            .enumerate()
+            .for_each(|(i, b)| *b = (i % 251) as u8);
+        put(&s, &big, 0); // aligned: direct where the filesystem takes it
+        put(&s, &[7u8; 100], 10); // buffered, inside what was written directly
+        put(&s, &big[..DIRECT_ALIGN + 300], 8 * DIRECT_ALIGN); // aligned head, buffered tail
+        put(&s, &big[1..DIRECT_ALIGN + 1], 20 * DIRECT_ALIGN); // unaligned memory
+        put(&s, &big[..2 * DIRECT_ALIGN], 2 * DIRECT_ALIGN); // direct over buffered bytes
+        let mut back = vec![0u8; model.len()];
+        s.read_at(&mut back, 0).unwrap();
+        assert!(back == model, "read back differs from what was written");
+        s.flush().unwrap();
+        let on_disk = std::fs::read(dir.path().join("f")).unwrap();
+        assert!(on_disk[..] == model[..on_disk.len()]);
+    }
+
+    #[test]
+    fn read_only_storage_never_opens_a_direct_descriptor() {
+        let dir = disk_tempdir();
+        let p = dir.path().join("f");
+        std::fs::write(&p, [1u8; 4096]).unwrap();
+        let s = FileStorage::open(&p, false).unwrap().with_direct_writes();
+        assert!(!s.writes_direct());
     }
 }

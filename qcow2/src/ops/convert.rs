@@ -76,7 +76,8 @@ pub fn to_raw_observed(
             let out = PendingFile::new(dest, overwrite).on_file(&dest_s, "cannot create output")?;
             let storage = out
                 .create_storage()
-                .on_file(&dest_s, "cannot create output")?;
+                .on_file(&dest_s, "cannot create output")?
+                .with_direct_writes();
             let storage: Arc<dyn Storage> = Arc::new(storage);
             let writer = RawWriter {
                 storage: storage.clone(),
@@ -144,7 +145,8 @@ pub fn to_qcow2_observed(
     let out = PendingFile::new(dest, opts.overwrite).on_file(&dest_s, "cannot create output")?;
     let storage = out
         .create_storage()
-        .on_file(&dest_s, "cannot create output")?;
+        .on_file(&dest_s, "cannot create output")?
+        .with_direct_writes();
     let tmp = out.tmp_path().display().to_string();
     let stats = write_qcow2(
         chain,

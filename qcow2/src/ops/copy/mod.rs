@@ -17,11 +17,13 @@
 //!
 //! First error wins: whichever stage fails first records its error, the others stop at their
 //! next step (channels closing wake every blocked stage), and that error is returned.
-//! Memory is bounded by `readers × BUFFERS_PER_READER` buffers.
+//! Memory is bounded by `readers × BUFFERS_PER_READER` buffers. They are page-aligned
+//! ([`AlignedBuf`]), so a writer can send them to the kernel with direct I/O as they are.
 
 pub mod sinks;
 pub mod source;
 
+use crate::buffer::AlignedBuf;
 use crate::error::{Error, Result};
 use std::collections::BTreeMap;
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
@@ -136,7 +138,7 @@ pub struct Pieces<'a, T> {
     window: Window,
     reader: usize,
     seq: usize,
-    spare: &'a Receiver<Vec<u8>>,
+    spare: &'a Receiver<AlignedBuf>,
     out: &'a SyncSender<Result<Message<T>>>,
     stopped: bool,
 }
@@ -144,14 +146,14 @@ pub struct Pieces<'a, T> {
 impl<T> Pieces<'_, T> {
     /// A buffer to fill; None once the copy is stopping (then the reader ends quietly:
     /// whoever stopped it reports why).
-    pub fn buffer(&mut self) -> Option<Vec<u8>> {
+    pub fn buffer(&mut self) -> Option<AlignedBuf> {
         let b = self.spare.recv().ok();
         self.stopped |= b.is_none();
         b
     }
 
     /// Hands a filled buffer on, in this window's order; false once the copy is stopping.
-    pub fn send(&mut self, item: T, data: Vec<u8>) -> bool {
+    pub fn send(&mut self, item: T, data: AlignedBuf) -> bool {
         let piece = Message::Piece(Filled {
             window: self.window,
             seq: self.seq,
@@ -191,7 +193,7 @@ struct Filled<T> {
     window: Window,
     seq: usize,
     item: T,
-    data: Vec<u8>,
+    data: AlignedBuf,
     reader: usize,
 }
 
@@ -215,7 +217,7 @@ impl<T> Message<T> {
 
 struct Job<J> {
     job: J,
-    data: Vec<u8>,
+    data: AlignedBuf,
     reader: usize,
 }
 
@@ -241,9 +243,9 @@ where
     let mut spare_senders = Vec::new();
     let mut spare_receivers = Vec::new();
     for _ in 0..readers {
-        let (tx, rx) = sync_channel::<Vec<u8>>(BUFFERS_PER_READER);
+        let (tx, rx) = sync_channel::<AlignedBuf>(BUFFERS_PER_READER);
         for _ in 0..BUFFERS_PER_READER.min(windows) {
-            let _ = tx.send(vec![0u8; plan.buffer]);
+            let _ = tx.send(AlignedBuf::new(plan.buffer));
         }
         spare_senders.push(tx);
         spare_receivers.push(rx);
@@ -298,7 +300,7 @@ fn read_windows<T>(
     first: usize,
     readers: usize,
     read: &(impl Fn(&mut Pieces<'_, T>) -> Result<()> + Sync),
-    spare: &Receiver<Vec<u8>>,
+    spare: &Receiver<AlignedBuf>,
     to_planner: &SyncSender<Result<Message<T>>>,
 ) -> Result<()> {
     for index in (first..plan.windows()).step_by(readers) {
@@ -365,7 +367,7 @@ fn plan_pieces<T, S: Sink<T>>(
 fn write_jobs<J, W: JobWriter<J>>(
     mut writer: W,
     jobs: Receiver<Job<J>>,
-    spare: Vec<SyncSender<Vec<u8>>>,
+    spare: Vec<SyncSender<AlignedBuf>>,
 ) -> Result<()> {
     for job in jobs {
         let Job { job, data, reader } = job;

@@ -3,6 +3,7 @@
 //! first and never read what maps as zeros.
 
 use super::{Pieces, Window};
+use crate::buffer::AlignedBuf;
 use crate::chain::Chain;
 use crate::error::Result;
 use crate::mapping::{Extent, ExtentKind};
@@ -157,7 +158,7 @@ pub fn read_changes_above(
 ) -> Result<()> {
     let window = pieces.window();
     // The piece being filled: its changes, buffer and bytes used.
-    let mut piece: Option<(Vec<Change>, Vec<u8>, usize)> = None;
+    let mut piece: Option<Piece> = None;
     chain.for_each_extent_above(window.offset, window.len, above, |e| {
         if e.depth >= above || pieces.stopped() {
             return Ok(());
@@ -195,7 +196,7 @@ pub fn read_changes_above(
     Ok(())
 }
 
-type Piece = (Vec<Change>, Vec<u8>, usize);
+type Piece = (Vec<Change>, AlignedBuf, usize);
 
 /// The piece being filled, started with a spare buffer when there is none; None once the
 /// copy is stopping.
