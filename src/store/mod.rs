@@ -25,6 +25,7 @@ pub mod level;
 pub mod lock;
 pub mod manifest;
 pub mod name;
+pub mod prune_plan;
 pub mod retention;
 pub mod target;
 pub mod uuid;
