@@ -6,7 +6,7 @@ use super::copy::sinks::{
     Progress, RawSink, RawWriter, StreamWriter, WriteObserver,
 };
 use super::copy::source::read_data_window;
-use super::copy::{self, NoWriter, Plan};
+use super::copy::{self, NoWriter, Plan, WindowSet};
 use crate::chain::Chain;
 use crate::create::{init_qcow2, CreateOptions};
 use crate::device::{InPlaceKind, InPlaceTarget};
@@ -83,7 +83,9 @@ pub fn to_raw_observed(
                 storage: storage.clone(),
                 path: dest_s.clone(),
             };
-            copy::run(plan, read, &mut sink, writer)?;
+            // A new file reads as zeros where nothing is written: only windows with data.
+            let windows = data_windows(chain, &plan)?;
+            copy::run_windows(plan, &windows, read, &mut sink, writer)?;
             storage.set_len(size).at(&dest_s, "setting length", size)?;
             drop(storage);
             out.commit().on_file(&dest_s, "cannot finish output")?;
@@ -288,8 +290,9 @@ pub fn copy_into_observed(
             image: img,
             progress,
         };
-        copy::run(
+        copy::run_windows(
             plan,
+            &data_windows(chain, &plan)?,
             |p| {
                 p.fill(|w, buf| {
                     let read = read_data_window(chain, w, buf, cs, false)?;
@@ -306,13 +309,28 @@ pub fn copy_into_observed(
         image: img,
         progress,
     };
-    copy::run(
+    copy::run_windows(
         plan,
+        &data_windows(chain, &plan)?,
         |p| p.fill(|w, buf| read_data_window(chain, w, buf, cs, share_blocks)),
         &mut sink,
         writer,
     )?;
     Ok(sink.progress.stats)
+}
+
+/// The windows of `plan` that touch data (plain or compressed) in `chain`: a copy into a
+/// new image needs no others, as everything else reads as zeros. Found from the mapping,
+/// a gigabyte at a time, so an empty stretch of many TiB costs a few map calls and no
+/// window hand-offs.
+fn data_windows(chain: &Chain, plan: &Plan) -> Result<WindowSet> {
+    let mut set = WindowSet::default();
+    for_each_extent(chain, |e| {
+        if !e.reads_as_zero() {
+            set.add_bytes(plan, e.start, e.end().min(plan.size));
+        }
+    })?;
+    Ok(set)
 }
 
 /// The chain's read check sees every byte a copy reads.

@@ -136,6 +136,8 @@ impl FirstError {
 /// A reader's hand-off point for the pieces of one window.
 pub struct Pieces<'a, T> {
     window: Window,
+    /// The window's position among the windows copied (the order pieces are planned in).
+    ord: usize,
     reader: usize,
     seq: usize,
     spare: &'a Receiver<AlignedBuf>,
@@ -156,6 +158,7 @@ impl<T> Pieces<'_, T> {
     pub fn send(&mut self, item: T, data: AlignedBuf) -> bool {
         let piece = Message::Piece(Filled {
             window: self.window,
+            ord: self.ord,
             seq: self.seq,
             item,
             data,
@@ -191,6 +194,7 @@ impl<T> Pieces<'_, T> {
 
 struct Filled<T> {
     window: Window,
+    ord: usize,
     seq: usize,
     item: T,
     data: AlignedBuf,
@@ -199,9 +203,9 @@ struct Filled<T> {
 
 enum Message<T> {
     Piece(Filled<T>),
-    /// The window's last piece was `seq - 1`.
+    /// The `ord`th window's last piece was `seq - 1`.
     End {
-        index: usize,
+        ord: usize,
         seq: usize,
     },
 }
@@ -209,8 +213,8 @@ enum Message<T> {
 impl<T> Message<T> {
     fn key(&self) -> (usize, usize) {
         match self {
-            Message::Piece(f) => (f.window.index, f.seq),
-            Message::End { index, seq } => (*index, *seq),
+            Message::Piece(f) => (f.ord, f.seq),
+            Message::End { ord, seq } => (*ord, *seq),
         }
     }
 }
@@ -219,6 +223,70 @@ struct Job<J> {
     job: J,
     data: AlignedBuf,
     reader: usize,
+}
+
+/// Some of a plan's windows, ascending: runs of consecutive windows, so a sparse disk of
+/// many TiB costs what its data costs, and a dense one a single run.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WindowSet {
+    /// `(first window, count)`, ascending, not touching.
+    runs: Vec<(usize, usize)>,
+    /// Windows before each run.
+    before: Vec<usize>,
+    len: usize,
+}
+
+impl WindowSet {
+    /// Every window of `plan`.
+    pub fn all(plan: &Plan) -> WindowSet {
+        let mut set = WindowSet::default();
+        set.push_range(0, plan.windows());
+        set
+    }
+
+    /// Adds windows `first..first + count`; they must come after every window added.
+    pub fn push_range(&mut self, first: usize, count: usize) {
+        if count == 0 {
+            return;
+        }
+        match self.runs.last_mut() {
+            Some((f, c)) if *f + *c == first => *c += count,
+            _ => {
+                self.runs.push((first, count));
+                self.before.push(self.len);
+            }
+        }
+        self.len += count;
+    }
+
+    /// Adds the windows touching guest bytes `[start, end)` of `plan` (windows already
+    /// added are not added twice; ranges must come in ascending order).
+    pub fn add_bytes(&mut self, plan: &Plan, start: u64, end: u64) {
+        if end <= start {
+            return;
+        }
+        let first = (start / plan.window) as usize;
+        let last = (((end - 1) / plan.window) as usize).min(plan.windows().saturating_sub(1));
+        let next = self.runs.last().map_or(0, |&(f, c)| f + c);
+        let first = first.max(next);
+        if first <= last {
+            self.push_range(first, last - first + 1);
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The `ord`th window of the set (`ord < len`).
+    pub fn nth(&self, ord: usize) -> usize {
+        let run = self.before.partition_point(|&b| b <= ord) - 1;
+        self.runs[run].0 + (ord - self.before[run])
+    }
 }
 
 /// Copies the windows of `plan`: `read` fills buffers with each window's content and sends
@@ -235,8 +303,25 @@ where
     S: Sink<T>,
     W: JobWriter<S::Job>,
 {
+    run_windows(plan, &WindowSet::all(&plan), read, sink, writer)
+}
+
+/// [`run`] over the windows of `set` only: for copies whose sink and writer need nothing
+/// of the other windows (they hold no data, and the output reads as zeros there anyway).
+pub fn run_windows<T, S, W>(
+    plan: Plan,
+    set: &WindowSet,
+    read: impl Fn(&mut Pieces<'_, T>) -> Result<()> + Sync,
+    sink: &mut S,
+    writer: W,
+) -> Result<()>
+where
+    T: Send,
+    S: Sink<T>,
+    W: JobWriter<S::Job>,
+{
     let readers = plan.readers.max(1);
-    let windows = plan.windows();
+    let windows = set.len();
     let first_error = FirstError(Mutex::new(None));
     let (to_planner, messages) = sync_channel::<Result<Message<T>>>(readers * BUFFERS_PER_READER);
     let (to_writer, jobs) = sync_channel::<Job<S::Job>>(readers * BUFFERS_PER_READER);
@@ -256,7 +341,7 @@ where
             let read = &read;
             scope.spawn(move || {
                 let res = guarded("reader", || {
-                    read_windows(plan, reader, readers, read, &spare, &to_planner)
+                    read_windows(plan, set, reader, readers, read, &spare, &to_planner)
                 });
                 if let Err(e) = res {
                     // The planner may be waiting for this reader's window: tell it.
@@ -294,18 +379,21 @@ fn guarded(stage: &str, body: impl FnOnce() -> Result<()>) -> Result<()> {
     })
 }
 
-/// A reader: windows `first`, `first + readers`, ..., each ended by an `End` message.
+/// A reader: the set's windows `first`, `first + readers`, ..., each ended by an `End`
+/// message.
 fn read_windows<T>(
     plan: Plan,
+    set: &WindowSet,
     first: usize,
     readers: usize,
     read: &(impl Fn(&mut Pieces<'_, T>) -> Result<()> + Sync),
     spare: &Receiver<AlignedBuf>,
     to_planner: &SyncSender<Result<Message<T>>>,
 ) -> Result<()> {
-    for index in (first..plan.windows()).step_by(readers) {
+    for ord in (first..set.len()).step_by(readers) {
         let mut pieces = Pieces {
-            window: plan.window(index),
+            window: plan.window(set.nth(ord)),
+            ord,
             reader: first,
             seq: 0,
             spare,
@@ -314,7 +402,7 @@ fn read_windows<T>(
         };
         read(&mut pieces)?;
         let end = Message::End {
-            index,
+            ord,
             seq: pieces.seq,
         };
         if pieces.stopped || to_planner.send(Ok(end)).is_err() {

@@ -249,3 +249,48 @@ fn windows_of_many_pieces_and_of_none_keep_their_order() {
         assert_eq!(sink.0, want, "readers={readers}");
     }
 }
+
+#[test]
+fn a_window_set_copies_its_windows_only_in_order() {
+    let p = plan(40, 2);
+    let mut set = WindowSet::default();
+    set.add_bytes(&p, 100, 200); // window 0
+    set.add_bytes(&p, 4096 * 3 + 5, 4096 * 6); // windows 3..=5
+    set.add_bytes(&p, 4096 * 5, 4096 * 5 + 1); // 5 again: not added twice
+    set.add_bytes(&p, 4096 * 6, 4096 * 7); // 6 joins the run before
+    set.add_bytes(&p, 4096 * 39, u64::MAX); // the last window, clamped
+    set.add_bytes(&p, 4096 * 50, 4096 * 51); // past the plan: nothing
+    let want = [0, 3, 4, 5, 6, 39];
+    assert_eq!(set.len(), want.len());
+    assert_eq!((0..set.len()).map(|k| set.nth(k)).collect::<Vec<_>>(), want);
+    for readers in [1, 2, 3] {
+        let order = Mutex::new(Vec::new());
+        let mut sink = Recorder::default();
+        let p = plan(40, readers);
+        run_windows(
+            p,
+            &set,
+            one_piece(scrambled_read),
+            &mut sink,
+            writer(&order),
+        )
+        .unwrap();
+        let planned: Vec<usize> = sink.planned.iter().map(|p| p.0).collect();
+        assert_eq!(planned, want, "readers={readers}");
+        assert_eq!(*order.lock().unwrap(), want);
+    }
+    let empty = WindowSet::default();
+    let mut sink = Recorder::default();
+    let order = Mutex::new(Vec::new());
+    run_windows(
+        p,
+        &empty,
+        one_piece(scrambled_read),
+        &mut sink,
+        writer(&order),
+    )
+    .unwrap();
+    assert!(sink.planned.is_empty());
+    assert_eq!(WindowSet::all(&p).len(), 40);
+    assert_eq!(WindowSet::all(&p).nth(39), 39);
+}
