@@ -10,7 +10,7 @@ use super::copy::{self, NoWriter, Plan, WindowSet};
 use crate::chain::Chain;
 use crate::create::{init_qcow2, CreateOptions};
 use crate::device::{InPlaceKind, InPlaceTarget};
-use crate::error::{Error, IoContext, Result};
+use crate::error::{IoContext, Result};
 use crate::image::Qcow2;
 use crate::ops::map::for_each_extent;
 use crate::ops::throttle::Throttle;
@@ -97,19 +97,17 @@ pub fn to_raw_observed(
                 storage.set_len(size).at(&path, "resizing", size)?;
             }
             let mut writer = InPlaceRawWriter::new(storage.clone(), path.clone(), zero);
-            copy::run(plan, read, &mut sink, &mut writer)?;
-            writer.zero_pending()?;
+            let windows = data_windows(chain, &plan)?;
+            copy::run_windows(plan, &windows, read, &mut sink, &mut writer)?;
+            writer.finish(size)?;
             storage.flush().at(&path, "flushing", 0)?;
             sink.progress.stats.bytes_zeroed = writer.zeroed;
         }
         RawOutput::Stream { out, name } => {
-            let writer = StreamWriter {
-                out: &mut *out,
-                name: name.clone(),
-            };
-            copy::run(plan, read, &mut sink, writer)?;
-            out.flush()
-                .map_err(|e| Error::io(&name, "writing the stream", size, e))?;
+            let mut writer = StreamWriter::new(&mut *out, name);
+            let windows = data_windows(chain, &plan)?;
+            copy::run_windows(plan, &windows, read, &mut sink, &mut writer)?;
+            writer.finish(size)?;
         }
     }
     Ok(sink.progress.stats)
@@ -522,6 +520,50 @@ mod raw_output_tests {
         .unwrap();
         assert_eq!(out, read_all(&chain));
         assert!(stats.bytes_written < SIZE / 4);
+    }
+
+    /// Windows without data are skipped by the copy: the in-place and stream writers must
+    /// still zero (or write zeros for) them, between windows and after the last one.
+    #[test]
+    fn skipped_windows_are_zeros_in_place_and_in_streams() {
+        const MIB: u64 = 1024 * K;
+        let size = 17 * MIB + 512; // five 4 MiB windows, the last short
+        let layouts: [&[u64]; 4] = [
+            &[0, 16 * MIB],         // data in the first and last windows only
+            &[5 * MIB],             // data in the second window only: a tail to zero
+            &[],                    // no data at all
+            &[13 * MIB - 4096 * 2], // data ending a window, the next ones empty
+        ];
+        for data_at in layouts {
+            let (mut img, _) = mem_image(size, 64 * K, false);
+            for &at in data_at {
+                img.write_at(&vec![7; 8192], at, None).unwrap();
+            }
+            let chain = chain_of(vec![img]);
+            let model = read_all(&chain);
+            let tmp = tempfile::tempdir().unwrap();
+            let p = tmp.path().join("disk.raw");
+            std::fs::write(&p, vec![0xFF; size as usize]).unwrap();
+            let target = open_in_place(&p, size).unwrap();
+            let out = RawOutput::InPlace {
+                target: &target,
+                zero: true,
+            };
+            let stats =
+                to_raw_observed(&chain, out, &mut Throttle::new(0), &mut |_, _| {}).unwrap();
+            assert!(
+                std::fs::read(&p).unwrap() == model,
+                "in place, data at {data_at:?}"
+            );
+            assert_eq!(stats.bytes_written + stats.bytes_zeroed, size);
+            let mut stream = Vec::new();
+            let out = RawOutput::Stream {
+                out: &mut stream,
+                name: "stdout".into(),
+            };
+            to_raw_observed(&chain, out, &mut Throttle::new(0), &mut |_, _| {}).unwrap();
+            assert!(stream == model, "stream, data at {data_at:?}");
+        }
     }
 
     #[test]

@@ -365,7 +365,8 @@ impl JobWriter<RawJob> for RawWriter {
 
 /// Writes over an existing device or file in place: the runs at their guest offsets, and
 /// (unless told the target is already zero) the zeros between them as zeroed ranges, never
-/// as zero buffers; consecutive zero ranges are zeroed in one call.
+/// as zero buffers; consecutive zero ranges are zeroed in one call. Windows the copy
+/// skipped (no data) are zeros too; [`InPlaceRawWriter::finish`] covers the disk's tail.
 pub struct InPlaceRawWriter {
     pub storage: Arc<dyn Storage>,
     pub path: String,
@@ -373,6 +374,8 @@ pub struct InPlaceRawWriter {
     pub zero: bool,
     /// A zero range not yet zeroed: `[start, end)` in guest bytes.
     pending: Option<(u64, u64)>,
+    /// Where the last window written ended: what lies between it and the next is zeros.
+    next: u64,
     /// Guest bytes zeroed so far.
     pub zeroed: u64,
 }
@@ -384,8 +387,19 @@ impl InPlaceRawWriter {
             path,
             zero,
             pending: None,
+            next: 0,
             zeroed: 0,
         }
+    }
+
+    /// After the copy: zeroes what is left up to `size` (windows after the last one with
+    /// data) and what is pending.
+    pub fn finish(&mut self, size: u64) -> Result<()> {
+        if self.zero && self.next < size {
+            self.zero_later(self.next, size)?;
+        }
+        self.next = size;
+        self.zero_pending()
     }
 
     /// Adds `[start, end)` to the pending range (zeroing what was pending first when the
@@ -401,8 +415,8 @@ impl InPlaceRawWriter {
         Ok(())
     }
 
-    /// Zeroes the pending range; call once after the copy too.
-    pub fn zero_pending(&mut self) -> Result<()> {
+    /// Zeroes the pending range.
+    fn zero_pending(&mut self) -> Result<()> {
         if let Some((s, e)) = self.pending.take() {
             self.storage
                 .zero_range(s, e - s)
@@ -416,6 +430,10 @@ impl InPlaceRawWriter {
 impl JobWriter<RawJob> for &mut InPlaceRawWriter {
     fn write(&mut self, job: RawJob, data: &[u8]) -> Result<()> {
         let base = job.window.offset;
+        if self.zero && self.next < base {
+            self.zero_later(self.next, base)?;
+        }
+        self.next = job.window.end();
         for piece in job.pieces() {
             match piece {
                 Ok(r) => {
@@ -436,17 +454,46 @@ impl JobWriter<RawJob> for &mut InPlaceRawWriter {
 }
 
 /// Writes the whole disk in guest order to a stream (a pipe, standard output): data and
-/// zeros alike.
+/// zeros alike, the windows the copy skipped (no data) as zeros, and the disk's tail by
+/// [`StreamWriter::finish`].
 pub struct StreamWriter<'a> {
-    pub out: &'a mut (dyn std::io::Write + Send),
-    pub name: String,
+    out: &'a mut (dyn std::io::Write + Send),
+    name: String,
+    /// Bytes of the disk written so far.
+    next: u64,
 }
 
-impl StreamWriter<'_> {
+impl<'a> StreamWriter<'a> {
+    pub fn new(out: &'a mut (dyn std::io::Write + Send), name: String) -> StreamWriter<'a> {
+        StreamWriter { out, name, next: 0 }
+    }
+
     fn put(&mut self, bytes: &[u8], at: u64) -> Result<()> {
         self.out
             .write_all(bytes)
             .map_err(|e| stream_error(&self.name, at, e))
+    }
+
+    /// Writes `len` zeros at guest offset `at`, a mebibyte at a time.
+    fn put_zeros(&mut self, at: u64, len: u64) -> Result<()> {
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(ZEROS.len() as u64);
+            self.put(&ZEROS[..n as usize], at + done)?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// After the copy: zeros up to `size`, and the stream flushed.
+    pub fn finish(&mut self, size: u64) -> Result<()> {
+        if self.next < size {
+            self.put_zeros(self.next, size - self.next)?;
+            self.next = size;
+        }
+        self.out
+            .flush()
+            .map_err(|e| Error::io(&self.name, "writing the stream", size, e))
     }
 }
 
@@ -462,20 +509,17 @@ fn stream_error(name: &str, at: u64, e: std::io::Error) -> Error {
     }
 }
 
-impl JobWriter<RawJob> for StreamWriter<'_> {
+impl JobWriter<RawJob> for &mut StreamWriter<'_> {
     fn write(&mut self, job: RawJob, data: &[u8]) -> Result<()> {
         let base = job.window.offset;
+        if self.next < base {
+            self.put_zeros(self.next, base - self.next)?;
+        }
+        self.next = job.window.end();
         for piece in job.pieces() {
             match piece {
                 Ok(r) => self.put(&data[r.start..r.end], base + r.start as u64)?,
-                Err(gap) => {
-                    let mut at = gap.start;
-                    while at < gap.end {
-                        let n = (gap.end - at).min(ZEROS.len());
-                        self.put(&ZEROS[..n], base + at as u64)?;
-                        at += n;
-                    }
-                }
+                Err(gap) => self.put_zeros(base + gap.start as u64, gap.len() as u64)?,
             }
         }
         Ok(())
