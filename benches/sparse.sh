@@ -5,7 +5,9 @@
 # CLUSTERS (default "64k 2M"): a FULL and three INCs in /dev/shm, each holding 8 scattered
 # 256 KiB writes spread over the whole disk (a few MiB in all), with manifests. RUNS
 # alternating rounds (default 3); prints median wall time, peak RSS and the ratio, and
-# checks each output with qemu-img compare and check.
+# checks each output with qemu-img compare and check. Then commit of the three INCs into
+# the FULL: `qmprestore commit` on a copy of the directory against `qemu-img commit -b` on
+# a copy of the linked chain.
 # Usage: bash benches/sparse.sh [RUNS]   (needs qemu-img, qemu-io)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -65,6 +67,28 @@ PY
         fi
       done
     done
+    # Commit of the three INCs into the FULL: `qmprestore commit` on a copy of the
+    # directory against `qemu-img commit -b` on a copy of the linked chain (copies untimed).
+    for r in $(seq "$RUNS"); do
+      if [ $((r % 2)) = 1 ]; then order="ours qemu"; else order="qemu ours"; fi
+      for who in $order; do
+        rm -rf "$W/c"; mkdir "$W/c"
+        if [ "$who" = ours ]; then
+          cp --sparse=always "$D"/* "$W/c/"
+          measure "$size-$cs ours-commit" "$W/c/none" "$B/qmprestore" -q commit --dir "$W/c"
+        else
+          cp --sparse=always "$D/FULL-1000-disk.qcow2" "$W/c/full.qcow2"
+          p=$W/c/full.qcow2
+          for level in INC-1100 INC-1200 INC-1300; do
+            cp --sparse=always "$D/$level-disk.qcow2" "$W/c/$level.qcow2"
+            qemu-img rebase -u -b "$p" -F qcow2 "$W/c/$level.qcow2"
+            p=$W/c/$level.qcow2
+          done
+          measure "$size-$cs qemu-commit" "$W/c/none" qemu-img commit -q -b "$W/c/full.qcow2" "$p"
+        fi
+      done
+    done
+    rm -rf "$W/c"
     qemu-img compare -q "$W/ours.qcow2" "$prev" || { echo "MISMATCH at $size $cs" >&2; exit 1; }
     qemu-img check -q "$W/ours.qcow2" || { echo "check failed at $size $cs" >&2; exit 1; }
     rm -rf "$D" "$L" "$W"/ours.qcow2* "$W/qemu.qcow2"
@@ -78,11 +102,15 @@ runs = {}
 for line in open(sys.argv[1]):
     case, who, t, rss = line.split()
     runs.setdefault((case, who), []).append((float(t), int(rss)))
-print("| chain | qmprestore merge s | peak RSS MiB | qemu-img convert s | ratio |")
-print("|---|---:|---:|---:|---:|")
+print("| chain | merge s | peak RSS MiB | qemu-img convert s | ratio | commit s | qemu-img commit s | ratio |")
+print("|---|---:|---:|---:|---:|---:|---:|---:|")
+med = lambda v: statistics.median(t for t, _ in v)
 for case in dict.fromkeys(c for c, _ in runs):
-    o = runs[case, "ours"]; q = runs[case, "qemu"]
-    mo = statistics.median(t for t, _ in o); mq = statistics.median(t for t, _ in q)
+    o, q = runs[case, "ours"], runs[case, "qemu"]
+    oc, qc = runs[case, "ours-commit"], runs[case, "qemu-commit"]
     rss = max(r for _, r in o) / 1024
-    print(f"| {case} | {mo:.3f} | {rss:.1f} | {mq:.3f} | {mo / max(mq, 0.001):.2f} |")
+    print(f"| {case} | {med(o):.3f} | {rss:.1f} | {med(q):.3f} | {med(o) / max(med(q), 0.001):.2f} "
+          f"| {med(oc):.3f} | {med(qc):.3f} | {med(oc) / max(med(qc), 0.001):.2f} |")
+print()
+print("ratio = qmprestore / qemu-img (below 1: ours faster); times under 10 ms read as 0.00")
 PY

@@ -4,11 +4,12 @@
 use super::copy::sinks::CommitSink;
 pub use super::copy::sinks::CommitStats;
 use super::copy::source::read_changes_above;
-use super::copy::{self, NoWriter, Plan};
+use super::copy::{self, NoWriter, Plan, WindowSet};
 use crate::chain::{as_backing, open_backing_of, Chain, OpenOptions};
 use crate::error::{Error, Result};
 use crate::image::write::OpenRwOptions;
 use crate::image::{Backing, Qcow2};
+use crate::mapping::ExtentKind;
 use crate::ops::throttle::Throttle;
 use std::path::Path;
 
@@ -96,8 +97,22 @@ pub fn commit_into(
         throttle,
         stats: CommitStats::default(),
     };
-    copy::run(
+    // Only the windows holding a change (what `read_changes_above` acts on): a sparse
+    // disk of many TiB costs what its changes cost, not a hand-off per empty window.
+    let mut windows = WindowSet::default();
+    chain.for_each_extent_above(0, size, above, |e| {
+        let changes = match e.kind {
+            ExtentKind::Unallocated => zero_unallocated,
+            _ => true,
+        };
+        if e.depth < above && changes {
+            windows.add_bytes(&plan, e.start, e.end());
+        }
+        Ok(())
+    })?;
+    copy::run_windows(
         plan,
+        &windows,
         |p| read_changes_above(chain, above, zero_unallocated, p),
         &mut sink,
         NoWriter,
