@@ -42,15 +42,6 @@ impl Reason {
     pub fn is_kept(self) -> bool {
         !matches!(self, Reason::NotKept)
     }
-
-    /// `keep-daily`, `newest`, `removed`: for plans.
-    pub fn label(self) -> &'static str {
-        match self {
-            Reason::Kept(r) => r.option(),
-            Reason::Newest => "newest",
-            Reason::NotKept => "removed",
-        }
-    }
 }
 
 /// One point of the timeline and what becomes of it.

@@ -186,7 +186,7 @@ pub fn iso_week(year: i64, month: u32, day: u32) -> (i64, u32) {
 fn period(rule: Rule, index: usize, c: &Civil) -> (i64, u32, u32, u32) {
     match rule {
         Rule::Last => (index as i64, 0, 0, 0),
-        Rule::Hourly => (c.year, c.month, c.day, c.hour + 1),
+        Rule::Hourly => (c.year, c.month, c.day, c.hour),
         Rule::Daily => (c.year, c.month, c.day, 0),
         Rule::Weekly => (c.iso_year, c.iso_week, 0, 0),
         Rule::Monthly => (c.year, c.month, 0, 0),

@@ -110,7 +110,7 @@ pub fn commit_into(
         }
         Ok(())
     })?;
-    copy::run_windows(
+    copy::run(
         plan,
         &windows,
         |p| read_changes_above(chain, above, zero_unallocated, p),

@@ -70,6 +70,9 @@ pub fn to_raw_observed(
             observer,
         },
     };
+    // Only windows with data are copied: a new file reads as zeros where nothing is
+    // written, and the other writers zero (or stream zeros for) what lies between.
+    let windows = data_windows(chain, &plan)?;
     match output {
         RawOutput::NewFile { dest, overwrite } => {
             let dest_s = dest.display().to_string();
@@ -83,9 +86,7 @@ pub fn to_raw_observed(
                 storage: storage.clone(),
                 path: dest_s.clone(),
             };
-            // A new file reads as zeros where nothing is written: only windows with data.
-            let windows = data_windows(chain, &plan)?;
-            copy::run_windows(plan, &windows, read, &mut sink, writer)?;
+            copy::run(plan, &windows, read, &mut sink, writer)?;
             storage.set_len(size).at(&dest_s, "setting length", size)?;
             drop(storage);
             out.commit().on_file(&dest_s, "cannot finish output")?;
@@ -97,16 +98,14 @@ pub fn to_raw_observed(
                 storage.set_len(size).at(&path, "resizing", size)?;
             }
             let mut writer = InPlaceRawWriter::new(storage.clone(), path.clone(), zero);
-            let windows = data_windows(chain, &plan)?;
-            copy::run_windows(plan, &windows, read, &mut sink, &mut writer)?;
+            copy::run(plan, &windows, read, &mut sink, &mut writer)?;
             writer.finish(size)?;
             storage.flush().at(&path, "flushing", 0)?;
             sink.progress.stats.bytes_zeroed = writer.zeroed;
         }
         RawOutput::Stream { out, name } => {
             let mut writer = StreamWriter::new(&mut *out, name);
-            let windows = data_windows(chain, &plan)?;
-            copy::run_windows(plan, &windows, read, &mut sink, &mut writer)?;
+            copy::run(plan, &windows, read, &mut sink, &mut writer)?;
             writer.finish(size)?;
         }
     }
@@ -288,7 +287,7 @@ pub fn copy_into_observed(
             image: img,
             progress,
         };
-        copy::run_windows(
+        copy::run(
             plan,
             &data_windows(chain, &plan)?,
             |p| {
@@ -307,7 +306,7 @@ pub fn copy_into_observed(
         image: img,
         progress,
     };
-    copy::run_windows(
+    copy::run(
         plan,
         &data_windows(chain, &plan)?,
         |p| p.fill(|w, buf| read_data_window(chain, w, buf, cs, share_blocks)),

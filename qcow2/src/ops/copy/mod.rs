@@ -289,26 +289,12 @@ impl WindowSet {
     }
 }
 
-/// Copies the windows of `plan`: `read` fills buffers with each window's content and sends
-/// them as pieces (on the reader threads), `sink` plans the pieces in guest order, `writer`
-/// writes them. Returns the first error of any stage.
+/// Copies the windows of `plan` that `set` holds ([`WindowSet::all`] for every one; fewer
+/// for copies whose sink and writer need nothing of the others, which hold no data):
+/// `read` fills buffers with each window's content and sends them as pieces (on the reader
+/// threads), `sink` plans the pieces in guest order, `writer` writes them. Returns the
+/// first error of any stage.
 pub fn run<T, S, W>(
-    plan: Plan,
-    read: impl Fn(&mut Pieces<'_, T>) -> Result<()> + Sync,
-    sink: &mut S,
-    writer: W,
-) -> Result<()>
-where
-    T: Send,
-    S: Sink<T>,
-    W: JobWriter<S::Job>,
-{
-    run_windows(plan, &WindowSet::all(&plan), read, sink, writer)
-}
-
-/// [`run`] over the windows of `set` only: for copies whose sink and writer need nothing
-/// of the other windows (they hold no data, and the output reads as zeros there anyway).
-pub fn run_windows<T, S, W>(
     plan: Plan,
     set: &WindowSet,
     read: impl Fn(&mut Pieces<'_, T>) -> Result<()> + Sync,

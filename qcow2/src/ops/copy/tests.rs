@@ -4,6 +4,16 @@ use super::*;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+/// [`run`] over every window of `plan`.
+fn run_all<T: Send, S: Sink<T>, W: JobWriter<S::Job>>(
+    plan: Plan,
+    read: impl Fn(&mut Pieces<'_, T>) -> Result<()> + Sync,
+    sink: &mut S,
+    writer: W,
+) -> Result<()> {
+    run(plan, &WindowSet::all(&plan), read, sink, writer)
+}
+
 fn plan(windows: usize, readers: usize) -> Plan {
     Plan {
         size: windows as u64 * 4096 - 100, // the last window is short
@@ -88,7 +98,7 @@ fn windows_reach_sink_and_writer_in_guest_order_whatever_the_readers() {
     for readers in [1, 2, 3, 5] {
         let order = Mutex::new(Vec::new());
         let mut sink = Recorder::default();
-        run(
+        run_all(
             plan(40, readers),
             one_piece(scrambled_read),
             &mut sink,
@@ -112,7 +122,7 @@ fn an_empty_disk_copies_nothing() {
         buffer: 4096,
         readers: 2,
     };
-    run(p, one_piece(scrambled_read), &mut sink, writer(&order)).unwrap();
+    run_all(p, one_piece(scrambled_read), &mut sink, writer(&order)).unwrap();
     assert!(sink.planned.is_empty());
 }
 
@@ -126,7 +136,7 @@ fn buffers_are_reused_not_allocated_per_window() {
         seen.lock().unwrap().insert(buf.as_ptr() as usize);
         scrambled_read(w, buf)
     };
-    run(plan(60, 2), one_piece(read), &mut sink, writer(&order)).unwrap();
+    run_all(plan(60, 2), one_piece(read), &mut sink, writer(&order)).unwrap();
     assert!(seen.lock().unwrap().len() <= 2 * BUFFERS_PER_READER);
 }
 
@@ -141,7 +151,7 @@ fn a_reader_error_ends_the_copy_with_that_error() {
             }
             scrambled_read(w, buf)
         };
-        let e = run(
+        let e = run_all(
             plan(100, readers),
             one_piece(read),
             &mut sink,
@@ -166,7 +176,7 @@ fn a_sink_error_stops_readers_and_writer() {
         reads.fetch_add(1, Ordering::Relaxed);
         scrambled_read(w, buf)
     };
-    let e = run(plan(1000, 2), one_piece(read), &mut sink, writer(&order)).unwrap_err();
+    let e = run_all(plan(1000, 2), one_piece(read), &mut sink, writer(&order)).unwrap_err();
     assert_eq!(e.to_string(), "sink refuses");
     assert_eq!(*order.lock().unwrap(), (0..5).collect::<Vec<_>>());
     // Readers stop within their buffers' reach, not at the end of the disk.
@@ -182,7 +192,7 @@ fn a_write_error_wins_over_what_it_causes() {
         fail_at: Some(3),
         panic_at: None,
     };
-    let e = run(plan(1000, 2), one_piece(scrambled_read), &mut sink, w).unwrap_err();
+    let e = run_all(plan(1000, 2), one_piece(scrambled_read), &mut sink, w).unwrap_err();
     assert!(
         e.to_string().starts_with("out: writing data at offset 0x3"),
         "{e}"
@@ -200,7 +210,7 @@ fn panics_become_internal_errors_not_hangs() {
         }
         scrambled_read(w, buf)
     };
-    let e = run(plan(50, 2), one_piece(read), &mut sink, writer(&order)).unwrap_err();
+    let e = run_all(plan(50, 2), one_piece(read), &mut sink, writer(&order)).unwrap_err();
     assert!(matches!(e, Error::Internal { .. }), "{e}");
     assert!(e.to_string().contains("reader thread panicked"), "{e}");
 
@@ -210,7 +220,7 @@ fn panics_become_internal_errors_not_hangs() {
         fail_at: None,
         panic_at: Some(2),
     };
-    let e = run(plan(50, 2), one_piece(scrambled_read), &mut sink, w).unwrap_err();
+    let e = run_all(plan(50, 2), one_piece(scrambled_read), &mut sink, w).unwrap_err();
     assert!(e.to_string().contains("writer thread panicked"), "{e}");
 }
 
@@ -242,7 +252,7 @@ fn windows_of_many_pieces_and_of_none_keep_their_order() {
             }
             Ok(())
         };
-        run(plan(30, readers), read, &mut sink, NoWriter).unwrap();
+        run_all(plan(30, readers), read, &mut sink, NoWriter).unwrap();
         let want: Vec<(usize, u8)> = (0..30)
             .flat_map(|i| (0..(i % 4) as u8).map(move |k| (i, k)))
             .collect();
@@ -267,7 +277,7 @@ fn a_window_set_copies_its_windows_only_in_order() {
         let order = Mutex::new(Vec::new());
         let mut sink = Recorder::default();
         let p = plan(40, readers);
-        run_windows(
+        run(
             p,
             &set,
             one_piece(scrambled_read),
@@ -282,7 +292,7 @@ fn a_window_set_copies_its_windows_only_in_order() {
     let empty = WindowSet::default();
     let mut sink = Recorder::default();
     let order = Mutex::new(Vec::new());
-    run_windows(
+    run(
         p,
         &empty,
         one_piece(scrambled_read),
