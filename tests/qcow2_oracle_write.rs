@@ -613,3 +613,94 @@ fn commit_of_many_extents_across_batches() {
     assert_qemu_same(d, "b.qcow2", "before.raw");
     assert_qemu_same(d, "t.qcow2", "before.raw");
 }
+
+/// `a` <- `b` <- `c`; `b` folded under `c` (`c` takes every change of `b` it does not
+/// overwrite itself), then `c` rebased onto `a`: it reads as the whole chain did.
+fn fold_under_case(d: &Path, b_opts: &str, c_opts: &str) {
+    let tag = format!("{b_opts}-{c_opts}").replace([',', '='], "_");
+    let (a, b, c) = (
+        format!("fa{tag}.qcow2"),
+        format!("fb{tag}.qcow2"),
+        format!("fc{tag}.qcow2"),
+    );
+    create(d, &a, "2M", "");
+    qemu_io(d, &a, &["write -P 0x11 0 2M"]);
+    for (name, backing, opts, size) in [(&b, &a, b_opts, "2M"), (&c, &b, c_opts, "3M")] {
+        let mut args = vec!["create", "-q", "-f", "qcow2"];
+        if !opts.is_empty() {
+            args.extend(["-o", opts]);
+        }
+        args.extend(["-b", backing, "-F", "qcow2", name, size]);
+        qemu_img(d, &args);
+    }
+    qemu_io(
+        d,
+        &b,
+        &[
+            "write -P 0x22 0 512k",
+            "write -z 768k 256k",
+            "write -P 0x23 1536k 1k",
+        ],
+    );
+    qemu_io(
+        d,
+        &c,
+        &[
+            "write -P 0x33 256k 512k",
+            "write -z 1M 64k",
+            "write -P 0x34 1537k 512",
+            "write -P 0x35 2560k 4k",
+        ],
+    );
+    let want = format!("{c}.raw");
+    qemu_img(d, &["convert", "-O", "raw", &c, &want]);
+    let keep: Vec<std::ops::Range<u64>> = {
+        let alone = Chain::open(
+            &d.join(&c),
+            &OpenOptions {
+                format: Some(Format::Qcow2),
+                no_backing: true,
+            },
+        )
+        .unwrap();
+        let mut v: Vec<std::ops::Range<u64>> = Vec::new();
+        alone
+            .for_each_extent(0, alone.virtual_size(), |e| {
+                if e.depth == 0 && e.present() {
+                    match v.last_mut() {
+                        Some(l) if l.end == e.start => l.end = e.end(),
+                        _ => v.push(e.start..e.end()),
+                    }
+                }
+                Ok(())
+            })
+            .unwrap();
+        v
+    };
+    let below = open(&d.join(&b));
+    let mut top = Qcow2::open_rw(&d.join(&c), OpenRwOptions::default()).unwrap();
+    commit::commit_into_except(
+        &mut top,
+        qcow2::chain::as_backing(Some(&below)),
+        &below,
+        1,
+        &keep,
+        &mut qcow2::ops::throttle::Throttle::new(0),
+    )
+    .unwrap();
+    top.flush().unwrap();
+    drop(top);
+    qemu_img(d, &["rebase", "-u", "-b", &a, "-F", "qcow2", &c]);
+    assert_qemu_clean(d, &c);
+    assert_qemu_same(d, &c, &want);
+}
+
+#[test]
+fn fold_under_keeps_the_top_and_fills_the_rest() {
+    let s = Scratch::new();
+    let d = s.dir.path();
+    fold_under_case(d, "", "");
+    fold_under_case(d, "cluster_size=512", "cluster_size=4k");
+    fold_under_case(d, "cluster_size=4k", "cluster_size=512");
+    fold_under_case(d, "", "extended_l2=on");
+}

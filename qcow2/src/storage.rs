@@ -462,6 +462,15 @@ pub mod fault {
         })
     }
 
+    /// A point where a crash is tested: callers outside this crate (renames, removals)
+    /// count as writes too, so a kill loop stops there as well. Never fails: a full
+    /// filesystem does not stop renames and removals.
+    pub fn checkpoint() {
+        if matches!(plan(), Some((_, Kind::Kill))) {
+            let _ = before_write();
+        }
+    }
+
     pub(super) fn before_write() -> io::Result<()> {
         let Some((n, kind)) = plan() else {
             return Ok(());

@@ -8,12 +8,14 @@ use qmpbackup::restore::commands as restore;
 use qmpbackup::restore::merge::{self, MergeOptions, TargetFormat};
 use qmpbackup::restore::options::{CheckOptions, Common, DirOptions, RateOption, UntilOption};
 use qmpbackup::serve::{serve, ServeOptions};
+use qmpbackup::store::prune::{prune, PruneOptions};
+use qmpbackup::store::retention::KeepOptions;
 use qmpbackup::store::vm::parse_point_time;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 /// Restore FULL+INC backup chains natively: rebase, commit, merge, snapshotrebase, verify,
-/// list. Works on hosts without QEMU. Every command checks the whole chain before its first
+/// list, serve, prune. Works on hosts without QEMU. Every command checks the whole chain before its first
 /// write; a damaged file anywhere stops it with nothing changed.
 ///
 /// A backup directory holds one disk's backups: FULL-<unix time>-<name>, INC-<unix
@@ -184,6 +186,51 @@ enum Command {
     ///   qmprestore serve --dir /backup/vm1/disk1 --listen 192.0.2.10:10809 --tls-cert cert.pem --tls-key key.pem --tls-ca ca.pem
     #[command(verbatim_doc_comment)]
     Serve(ServeOptions),
+    /// CHANGES THE BACKUP FILES: keep the points a keep-policy names and remove the others,
+    /// folding each removed point's data into the next kept one, so every kept point
+    /// restores exactly as before.
+    ///
+    /// --dir is a disk's backup directory or a whole backup target (every disk, across
+    /// its YYYY-MM month folders: a month none of whose points is kept goes whole). Rules
+    /// run in the order last, hourly, daily, weekly, monthly, yearly, newest point first,
+    /// as in Proxmox Backup Server and borg: each keeps the newest point of each of its N
+    /// newest periods not already kept by an earlier rule. Periods are in local time (TZ)
+    /// unless --utc; a point's time is the one in its file name. The newest point is
+    /// always kept: the next incremental continues from it. COPY backups are kept or
+    /// removed by the same rules among themselves.
+    ///
+    /// The plan is printed first (--dry-run: only the plan). A FULL's point removed: the
+    /// INCs up to the next kept point are committed into the FULL, which takes that
+    /// point's name. Points between kept ones: folded into the next kept INC. Chains with
+    /// no kept point: removed. Manifests are kept true block by block.
+    ///
+    /// Interrupted (killed, disk full): every kept point still restores right; the
+    /// directories being changed hold a journal (.prune-journal), other commands refuse
+    /// them until a prune (or prune --resume) finishes the job.
+    ///
+    /// Examples:
+    ///   qmprestore prune --dir /backup/vm1 --keep-daily 7 --keep-weekly 4 --keep-monthly 6 --dry-run
+    ///   qmprestore prune --dir /backup/vm1/disk1 --keep-last 10
+    ///   qmprestore prune --dir /backup/vm1 --resume
+    #[command(verbatim_doc_comment)]
+    Prune {
+        /// A disk's backup directory, or a backup target (qmpbackup's --target).
+        #[arg(long)]
+        dir: PathBuf,
+        #[command(flatten)]
+        keep: KeepOptions,
+        /// Print the plan and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Only finish what an interrupted prune left (no keep options needed).
+        #[arg(long, conflicts_with = "dry_run")]
+        resume: bool,
+        #[command(flatten)]
+        rate: RateOption,
+        /// Print the plan as JSON on stdout.
+        #[arg(long)]
+        json: bool,
+    },
     /// List the chains in the directory with their points in time and sizes.
     ///
     /// Example: qmprestore list --dir /backup/disk1 --json
@@ -301,6 +348,41 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
         }
         Command::Serve(opts) => serve(&opts, check)?,
+        Command::Prune {
+            dir,
+            keep,
+            dry_run,
+            resume,
+            rate: r,
+            json,
+        } => {
+            let opts = PruneOptions {
+                policy: keep.policy(),
+                zone: keep.zone(),
+                dry_run,
+                resume_only: resume && keep.policy().is_empty(),
+                check,
+                rate_limit: r.bytes_per_second()?,
+                disks: None,
+            };
+            let report = prune(&dir, &opts, &reporting(false, false), |plan| {
+                if json {
+                    match serde_json::to_string_pretty(plan) {
+                        Ok(j) => println!("{j}"),
+                        Err(e) => report::error(format!("cannot print the plan: {e}")),
+                    }
+                } else {
+                    print!("{}", plan.human());
+                }
+            })?;
+            for m in &report.removed_folders {
+                report::info(format!("removed {} (no backups left)", m.display()));
+            }
+            if report.failed() {
+                eprintln!("qmprestore: some disks were not pruned (see above)");
+                return Ok(ExitCode::from(1));
+            }
+        }
         Command::List { dir, json } => {
             let l = restore::list(&common(dir, None, check))?;
             if json {

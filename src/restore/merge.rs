@@ -5,9 +5,10 @@
 use crate::fsutil;
 use crate::progress::Reporting;
 use crate::report;
-use crate::restore::commands::{full_cluster_size, open_stack, preflight, select_chain};
+use crate::restore::commands::{full_cluster_size, open_stack, select_chain};
 use crate::restore::options::{CheckOptions, Common};
 use crate::store::chain::BackupChain;
+use crate::store::fold::preflight;
 use crate::store::lock::{lock_dir, LockMode};
 use crate::store::manifest;
 use crate::store::manifest::runs::{block_size_for, RunBuilder};

@@ -22,22 +22,7 @@ pub struct UntilOption {
     pub until: Option<String>,
 }
 
-/// How backup files are checked before they are used (flags of every command).
-#[derive(Debug, Clone, Copy, Default, clap::Args)]
-pub struct CheckOptions {
-    /// Skip the structural check of each image before restoring (faster; not advised).
-    #[arg(long, global = true)]
-    pub skip_check: bool,
-    /// Read backup files even while another process (a running QEMU, qemu-img) holds them
-    /// open for writing. Without it such a file is refused: it could be read torn.
-    #[arg(long, global = true)]
-    pub force_share: bool,
-    /// Restore without checking backup data against its checksum manifests: for a rescue
-    /// when a backup is known damaged and its data is wanted as it is. Rot in the backups
-    /// then goes into the restored disk unnoticed.
-    #[arg(long, global = true)]
-    pub ignore_checksums: bool,
-}
+pub use crate::store::fold::CheckOptions;
 
 /// A copy's speed limit.
 #[derive(Debug, Clone, Default, clap::Args)]

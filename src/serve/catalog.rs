@@ -4,13 +4,14 @@
 //! client first asks for it, so a directory with hundreds of points starts at once.
 
 use crate::report;
-use crate::restore::commands::{full_cluster_size, open_stack, preflight};
+use crate::restore::commands::{full_cluster_size, open_stack};
 use crate::restore::options::CheckOptions;
 use crate::serve::overlay::{Overlay, Record};
 use crate::serve::reads::{self, Context, Piece};
 use crate::store::chain::BackupChain;
 use crate::store::disk_dir::DiskDir;
 use crate::store::file::BackupFile;
+use crate::store::fold::preflight;
 use anyhow::{Context as _, Result};
 use qcow2::Chain;
 use std::path::{Path, PathBuf};

@@ -8,7 +8,8 @@ use crate::store::file::BackupFile;
 use crate::store::level::BackupLevel;
 use crate::store::manifest;
 use crate::store::name::{
-    backup_of_partial, is_side_file, looks_like_backup, MANIFEST_SUFFIX, PARTIAL_SUFFIX,
+    backup_of_partial, is_side_file, looks_like_backup, MANIFEST_SUFFIX, MOVED_ASIDE_INFIX,
+    PARTIAL_SUFFIX, PRUNE_JOURNAL,
 };
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
@@ -23,6 +24,10 @@ pub struct DiskDir {
     pub copies: Vec<BackupFile>,
     /// INC files older than every FULL (no chain to belong to).
     pub orphans: Vec<BackupFile>,
+    /// What interrupted backups left: `.partial` files and those moved aside
+    /// (`.partial.failed-<time>`), by name. Only [`DiskDir::scan_lenient`] returns any.
+    #[serde(skip)]
+    pub leftovers: Vec<String>,
 }
 
 impl DiskDir {
@@ -32,7 +37,37 @@ impl DiskDir {
     /// backups; a FIFO, socket or device named like a backup is skipped with a warning,
     /// never opened. A `--no-timestamp` backup (see [`DiskDir::untimestamped`]) takes its
     /// time from its manifest.
+    ///
+    /// A directory an interrupted prune is changing (it holds the prune's journal) is an
+    /// error too, until prune finishes.
     pub fn scan(dir: &Path, filter: Option<&str>) -> Result<DiskDir> {
+        if dir.join(PRUNE_JOURNAL).symlink_metadata().is_ok() {
+            bail!(
+                "{}: an interrupted prune is folding backups here, so some points may not restore right yet; run `qmprestore prune --dir {} --resume` to finish it",
+                dir.display(),
+                dir.display()
+            );
+        }
+        let d = DiskDir::scan_lenient(dir, filter)?;
+        let mut partial: Vec<&String> = d
+            .leftovers
+            .iter()
+            .filter(|n| n.ends_with(PARTIAL_SUFFIX))
+            .collect();
+        if !partial.is_empty() {
+            partial.sort();
+            bail!(
+                "{}: unfinished backup files ({}): a backup was interrupted; move them aside or delete them (they are not backups) and run again",
+                dir.display(),
+                partial.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+            );
+        }
+        Ok(d)
+    }
+
+    /// [`DiskDir::scan`] for prune: unfinished backups are listed in `leftovers`, not an
+    /// error, and a prune journal is not looked at.
+    pub fn scan_lenient(dir: &Path, filter: Option<&str>) -> Result<DiskDir> {
         use std::os::unix::ffi::OsStrExt;
         let entries = std::fs::read_dir(dir)
             .with_context(|| format!("{}: cannot read the backup directory", dir.display()))?;
@@ -60,6 +95,9 @@ impl DiskDir {
                 if !name.contains(f) {
                     continue;
                 }
+            }
+            if name.contains(MOVED_ASIDE_INFIX) {
+                partial.push(name.to_string());
             }
             if is_side_file(name) {
                 continue;
@@ -121,16 +159,11 @@ impl DiskDir {
                 None => untimed.prefixed.push(name.to_string()),
             }
         }
-        if !partial.is_empty() {
-            partial.sort();
-            bail!(
-                "{}: unfinished backup files ({}): a backup was interrupted; move them aside or delete them (they are not backups) and run again",
-                dir.display(),
-                partial.join(", ")
-            );
-        }
         files.extend(untimed.resolve(dir)?);
-        Ok(DiskDir::from_files(dir.to_path_buf(), files))
+        let mut d = DiskDir::from_files(dir.to_path_buf(), files);
+        partial.sort();
+        d.leftovers = partial;
+        Ok(d)
     }
 
     /// Orders backup files into chains (by the time in their names), copies and orphans.
@@ -157,6 +190,7 @@ impl DiskDir {
             chains,
             copies,
             orphans,
+            leftovers: Vec::new(),
         }
     }
 
@@ -186,7 +220,8 @@ impl DiskDir {
         files.append(&mut self.copies);
         files.append(&mut self.orphans);
         files.retain(|f| keep(f));
-        let rebuilt = DiskDir::from_files(self.dir.clone(), files);
+        let mut rebuilt = DiskDir::from_files(self.dir.clone(), files);
+        rebuilt.leftovers = std::mem::take(&mut self.leftovers);
         *self = rebuilt;
     }
 

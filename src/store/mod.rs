@@ -21,10 +21,12 @@
 pub mod chain;
 pub mod disk_dir;
 pub mod file;
+pub mod fold;
 pub mod level;
 pub mod lock;
 pub mod manifest;
 pub mod name;
+pub mod prune;
 pub mod prune_plan;
 pub mod retention;
 pub mod target;

@@ -11,7 +11,7 @@ pub const MANIFEST_SUFFIX: &str = ".manifest";
 /// The source image's info, `<disk name>.config`.
 pub const CONFIG_SUFFIX: &str = ".config";
 /// What a `.partial` of an interrupted run is renamed to: `<name>.partial.failed-<time>`.
-const MOVED_ASIDE_INFIX: &str = ".partial.failed-";
+pub const MOVED_ASIDE_INFIX: &str = ".partial.failed-";
 /// The chain's bitmap uuid, in the chain root (`<target>` or `<target>/YYYY-MM`).
 pub const UUID_FILE: &str = "uuid";
 /// With `--monthly`: `<target>/current` points at the newest month's folder.
@@ -21,6 +21,8 @@ pub const CURRENT_LINK: &str = "current";
 pub const LOCK_FILE: &str = ".lock";
 /// Held by the one backup adding files to a directory (lock.rs).
 pub const APPEND_LOCK_FILE: &str = ".append.lock";
+/// What an unfinished prune leaves in a directory it is changing: its remaining steps.
+pub const PRUNE_JOURNAL: &str = ".prune-journal";
 
 /// The name of a new backup file. `timestamp` is None with `--no-timestamp`.
 pub fn backup_file_name(level: BackupLevel, timestamp: Option<u64>, disk_name: &str) -> String {

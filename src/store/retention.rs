@@ -90,9 +90,10 @@ impl KeepPolicy {
 }
 
 /// The clock periods are cut by.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Zone {
     /// This machine's local time (`TZ` honoured), as PBS and borg use.
+    #[default]
     Local,
     Utc,
 }
@@ -243,3 +244,50 @@ pub fn select(times: &[u64], policy: &KeepPolicy, zone: Zone) -> Vec<Verdict> {
 
 #[cfg(test)]
 mod tests;
+
+/// The keep options, as `qmprestore prune` and `qmpbackup backup` take them.
+#[derive(Debug, Clone, Copy, Default, clap::Args)]
+pub struct KeepOptions {
+    /// Keep the N newest points.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub keep_last: u32,
+    /// Keep the newest point of each of the last N hours that have one.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub keep_hourly: u32,
+    /// Keep the newest point of each of the last N days that have one.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub keep_daily: u32,
+    /// Keep the newest point of each of the last N ISO weeks (Monday to Sunday) that have one.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub keep_weekly: u32,
+    /// Keep the newest point of each of the last N months that have one.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub keep_monthly: u32,
+    /// Keep the newest point of each of the last N years that have one.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub keep_yearly: u32,
+    /// Cut hours, days, weeks, months and years in UTC, not in local time (TZ).
+    #[arg(long)]
+    pub utc: bool,
+}
+
+impl KeepOptions {
+    pub fn policy(&self) -> KeepPolicy {
+        KeepPolicy {
+            last: self.keep_last,
+            hourly: self.keep_hourly,
+            daily: self.keep_daily,
+            weekly: self.keep_weekly,
+            monthly: self.keep_monthly,
+            yearly: self.keep_yearly,
+        }
+    }
+
+    pub fn zone(&self) -> Zone {
+        if self.utc {
+            Zone::Utc
+        } else {
+            Zone::Local
+        }
+    }
+}

@@ -239,11 +239,16 @@ fn newest_common_time(target: &Path, disks: &BTreeMap<String, DiskBackups>) -> R
 
 /// One disk's backups, gathered from every folder it appears in.
 #[derive(Default)]
-struct DiskBackups {
-    /// Its chains, each with the directory holding it.
-    chains: Vec<(PathBuf, BackupChain)>,
+pub struct DiskBackups {
+    /// Its chains, each with the directory holding it, in the order found.
+    pub chains: Vec<(PathBuf, BackupChain)>,
     /// The directories its backups were found in (copies and orphans included).
-    dirs: Vec<PathBuf>,
+    pub dirs: Vec<PathBuf>,
+    pub copies: Vec<BackupFile>,
+    /// INCs with no FULL before them in their directory.
+    pub orphans: Vec<BackupFile>,
+    /// What interrupted backups left (only with a lenient scan).
+    pub leftovers: Vec<PathBuf>,
 }
 
 /// A chain point: the `index`th file of `chain` (0 its FULL, `i` its `i`th INC).
@@ -272,6 +277,10 @@ impl DiskBackups {
         let dir = d.dir;
         self.chains
             .extend(d.chains.into_iter().map(|c| (dir.clone(), c)));
+        self.copies.extend(d.copies);
+        self.orphans.extend(d.orphans);
+        self.leftovers
+            .extend(d.leftovers.iter().map(|n| dir.join(n)));
     }
 
     /// Every chain point, oldest first (at one time, a later chain's, then a later file's
@@ -312,8 +321,60 @@ impl DiskBackups {
 /// Every disk under `target`, by name.
 fn find_disks(target: &Path) -> Result<BTreeMap<String, DiskBackups>> {
     let mut disks = BTreeMap::new();
-    scan_chain_root(target, true, &mut disks)?;
+    scan_chain_root(target, true, DiskDir::scan, &mut disks)?;
     Ok(disks)
+}
+
+/// Every disk under `target` (a backup target, or one disk's directory), by name, as prune
+/// sees them: unfinished backups listed, not an error ([`DiskDir::scan_lenient`]).
+pub fn find_disks_lenient(target: &Path) -> Result<BTreeMap<String, DiskBackups>> {
+    let mut disks = BTreeMap::new();
+    scan_chain_root(target, true, DiskDir::scan_lenient, &mut disks)?;
+    Ok(disks)
+}
+
+/// The directories of a target's layout, chain roots first: the target, its month
+/// folders, and every subdirectory of those (symlinks not followed).
+pub fn layout_dirs(target: &Path) -> Result<Vec<(PathBuf, bool)>> {
+    let mut out = vec![(target.to_path_buf(), true)];
+    for sub in subdirs(target, "the backup target")? {
+        let month = sub
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(is_month);
+        if month {
+            out.push((sub.clone(), true));
+            for d in subdirs(&sub, "the month folder")? {
+                out.push((d, false));
+            }
+        } else {
+            out.push((sub, false));
+        }
+    }
+    Ok(out)
+}
+
+/// The subdirectories of `dir` (not symlinks), sorted.
+fn subdirs(dir: &Path, what: &str) -> Result<Vec<PathBuf>> {
+    let entries =
+        std::fs::read_dir(dir).with_context(|| format!("{}: cannot read {what}", dir.display()))?;
+    let mut out = Vec::new();
+    for e in entries {
+        let e = e.with_context(|| format!("{}: cannot read {what}", dir.display()))?;
+        let kind = e
+            .file_type()
+            .with_context(|| format!("{}: cannot read its file type", e.path().display()))?;
+        if kind.is_dir() {
+            out.push(e.path());
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Whether a directory name is a month folder's (`YYYY-MM`).
+pub fn is_month_folder(name: &str) -> bool {
+    is_month(name)
 }
 
 /// Reads a chain root (the target, or one of its month folders): the backup files in it
@@ -322,6 +383,7 @@ fn find_disks(target: &Path) -> Result<BTreeMap<String, DiskBackups>> {
 fn scan_chain_root(
     root: &Path,
     is_target: bool,
+    scan: fn(&Path, Option<&str>) -> Result<DiskDir>,
     disks: &mut BTreeMap<String, DiskBackups>,
 ) -> Result<()> {
     let what = if is_target {
@@ -329,47 +391,41 @@ fn scan_chain_root(
     } else {
         "the month folder"
     };
-    let entries = std::fs::read_dir(root)
-        .with_context(|| format!("{}: cannot read {what}", root.display()))?;
-    let mut subdirs = Vec::new();
-    for e in entries {
-        let e = e.with_context(|| format!("{}: cannot read {what}", root.display()))?;
-        // Not following symlinks: `current` (and any other link) is skipped.
-        let kind = e
-            .file_type()
-            .with_context(|| format!("{}: cannot read its file type", e.path().display()))?;
-        if kind.is_dir() {
-            subdirs.push(e.path());
-        }
-    }
-    subdirs.sort();
+    // Not following symlinks: `current` (and any other link) is skipped.
+    let subdirs = subdirs(root, what)?;
 
     let mut by_disk: BTreeMap<String, Vec<BackupFile>> = BTreeMap::new();
-    for f in files_of(DiskDir::scan(root, None)?) {
+    let scanned = scan(root, None)?;
+    let leftovers = scanned.leftovers.clone();
+    for f in files_of(scanned) {
         by_disk
             .entry(f.disk_part().to_string())
             .or_default()
             .push(f);
     }
     for (disk, files) in by_disk {
-        disks
-            .entry(disk)
-            .or_default()
-            .add(DiskDir::from_files(root.to_path_buf(), files));
+        let mut d = DiskDir::from_files(root.to_path_buf(), files);
+        // Leftovers of --no-subdir disks go with the disk whose name they carry.
+        d.leftovers = leftovers
+            .iter()
+            .filter(|n| n.contains(&format!("-{disk}.partial")))
+            .cloned()
+            .collect();
+        disks.entry(disk).or_default().add(d);
     }
 
     for dir in subdirs {
         let name = dir.file_name().and_then(|n| n.to_str()).map(str::to_string);
         match name {
-            Some(n) if is_target && is_month(&n) => scan_chain_root(&dir, false, disks)?,
+            Some(n) if is_target && is_month(&n) => scan_chain_root(&dir, false, scan, disks)?,
             Some(n) => {
-                let d = DiskDir::scan(&dir, None)?;
+                let d = scan(&dir, None)?;
                 if holds_backups(&d) {
                     disks.entry(n).or_default().add(d);
                 }
             }
             None => {
-                if holds_backups(&DiskDir::scan(&dir, None)?) {
+                if holds_backups(&scan(&dir, None)?) {
                     bail!(
                         "{}: the directory name is not valid UTF-8; rename it (disk names are shown and recorded as text)",
                         dir.display()

@@ -3,7 +3,7 @@
 
 use super::copy::sinks::CommitSink;
 pub use super::copy::sinks::CommitStats;
-use super::copy::source::read_changes_above;
+use super::copy::source::{for_each_gap, read_changes_above};
 use super::copy::{self, NoWriter, Plan, WindowSet};
 use crate::chain::{as_backing, open_backing_of, Chain, OpenOptions};
 use crate::error::{Error, Result};
@@ -79,6 +79,23 @@ pub fn commit_into(
     above: usize,
     throttle: &mut Throttle,
 ) -> Result<CommitStats> {
+    commit_into_except(base, base_backing, chain, above, &[], throttle)
+}
+
+/// [`commit_into`], except that the guest ranges of `keep` (sorted, disjoint) are left as
+/// `base` has them. Folding older images *under* `base`: with `chain` the stack below
+/// `base` and `keep` what `base` itself allocates, `base` ends up carrying every change
+/// of the layers above `above` that it did not overwrite, and reads as before. Writes
+/// only fill what `base` does not allocate, so a crash at any point leaves `base`
+/// reading the same through its backing.
+pub fn commit_into_except(
+    base: &mut Qcow2,
+    base_backing: Option<&dyn Backing>,
+    chain: &Chain,
+    above: usize,
+    keep: &[std::ops::Range<u64>],
+    throttle: &mut Throttle,
+) -> Result<CommitStats> {
     let size = chain.virtual_size();
     base.grow(size)?;
     // Zeros above BASE (past an upper image's end) must hide BASE's own backing.
@@ -106,14 +123,17 @@ pub fn commit_into(
             _ => true,
         };
         if e.depth < above && changes {
-            windows.add_bytes(&plan, e.start, e.end());
+            for_each_gap(keep, e.start, e.end(), |a, b| {
+                windows.add_bytes(&plan, a, b);
+                Ok(())
+            })?;
         }
         Ok(())
     })?;
     copy::run(
         plan,
         &windows,
-        |p| read_changes_above(chain, above, zero_unallocated, p),
+        |p| read_changes_above(chain, above, zero_unallocated, keep, p),
         &mut sink,
         NoWriter,
     )?;

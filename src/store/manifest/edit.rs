@@ -139,13 +139,25 @@ impl FullEdit {
     /// with `full_cluster` clusters: the blocks it may change are written to the pending
     /// file.
     pub fn begin(&mut self, inc: &Chain, full_size: u64, full_cluster: u64) -> Result<()> {
-        self.touched = changed_blocks(
+        let touched = changed_blocks(
             inc,
             full_size,
             full_cluster,
             self.manifest.header.block_size,
         )?
         .touched;
+        self.begin_blocks(touched)
+    }
+
+    /// Before a change of the guest ranges `changed` (sorted, disjoint) of an image of
+    /// `size` bytes: their blocks are written to the pending file.
+    pub fn begin_ranges(&mut self, changed: &[Range<u64>], size: u64) -> Result<()> {
+        let touched = whole_blocks(changed, self.manifest.header.block_size, size);
+        self.begin_blocks(touched)
+    }
+
+    fn begin_blocks(&mut self, touched: Vec<Range<u64>>) -> Result<()> {
+        self.touched = touched;
         let pending = pending_name(&self.name);
         let ranges: Vec<(u64, u64)> = self.touched.iter().map(|r| (r.start, r.end)).collect();
         let bytes = serde_json::to_vec(&serde_json::json!({
@@ -197,6 +209,31 @@ pub fn check_full(image: &Path, incs: &[Chain]) -> Result<()> {
     RunVerifier::new(&full, image.display().to_string())
         .ranges(&manifest.runs, &clipped(&partly, size))
         .context("found in a part of the full backup a commit would change; nothing was changed")
+}
+
+/// The blocks (of `block` bytes, the last cut at `size`) holding any of `ranges` (sorted,
+/// disjoint), merged.
+fn whole_blocks(ranges: &[Range<u64>], block: u64, size: u64) -> Vec<Range<u64>> {
+    merged(
+        ranges.iter().map(|s| {
+            s.start / block * block..s.end.div_ceil(block).saturating_mul(block).min(size)
+        }),
+    )
+}
+
+/// Before the guest ranges `changed` (sorted, disjoint) of `image` are written: every
+/// block holding one is checked against the manifest (the data of the image's own there
+/// keeps its checksums only if it is sound now).
+pub fn check_blocks(image: &Path, changed: &[Range<u64>]) -> Result<()> {
+    let Some(manifest) = load_manifest(image)? else {
+        return Ok(());
+    };
+    let chain = open_alone(image)?;
+    let size = chain.virtual_size();
+    let blocks = whole_blocks(changed, manifest.header.block_size, size);
+    RunVerifier::new(&chain, image.display().to_string())
+        .ranges(&manifest.runs, &clipped(&blocks, size))
+        .context("found in a part of the backup a prune would change; nothing was changed")
 }
 
 /// `ranges` limited to `size` bytes.

@@ -7,6 +7,7 @@ use crate::buffer::AlignedBuf;
 use crate::chain::Chain;
 use crate::error::Result;
 use crate::mapping::{Extent, ExtentKind};
+use std::ops::Range;
 
 /// Bytes `[start, end)` of a window's buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -154,6 +155,7 @@ pub fn read_changes_above(
     chain: &Chain,
     above: usize,
     zero_unallocated: bool,
+    keep: &[Range<u64>],
     pieces: &mut Pieces<'_, Vec<Change>>,
 ) -> Result<()> {
     let window = pieces.window();
@@ -163,36 +165,76 @@ pub fn read_changes_above(
         if e.depth >= above || pieces.stopped() {
             return Ok(());
         }
-        match e.kind {
-            ExtentKind::Data { .. } | ExtentKind::Compressed { .. } => {
-                let mut offset = e.start;
-                while offset < e.end() {
-                    let Some((changes, buf, used)) = current(&mut piece, pieces) else {
-                        return Ok(());
-                    };
-                    let room = buf.len() - *used;
-                    if room == 0 {
-                        send(&mut piece, pieces);
-                        continue;
-                    }
-                    let len = (room as u64).min(e.end() - offset) as usize;
-                    chain.read_extent(e, offset, &mut buf[*used..*used + len])?;
-                    changes.push(Change::Data {
-                        offset,
-                        pos: *used,
-                        len,
-                    });
-                    *used += len;
-                    offset += len as u64;
-                }
-            }
-            ExtentKind::Zero { .. } => zero(&mut piece, pieces, e.start, e.len),
-            ExtentKind::Unallocated if zero_unallocated => zero(&mut piece, pieces, e.start, e.len),
-            ExtentKind::Unallocated => {}
-        }
-        Ok(())
+        for_each_gap(keep, e.start, e.end(), |start, end| {
+            change(chain, e, start, end, zero_unallocated, &mut piece, pieces)
+        })
     })?;
     send(&mut piece, pieces);
+    Ok(())
+}
+
+/// Calls `f` for each stretch of `[start, end)` outside the ranges of `keep` (sorted,
+/// disjoint), in order.
+pub fn for_each_gap(
+    keep: &[Range<u64>],
+    start: u64,
+    end: u64,
+    mut f: impl FnMut(u64, u64) -> Result<()>,
+) -> Result<()> {
+    let mut pos = start;
+    let first = keep.partition_point(|k| k.end <= start);
+    for k in &keep[first..] {
+        if k.start >= end {
+            break;
+        }
+        if k.start > pos {
+            f(pos, k.start)?;
+        }
+        pos = pos.max(k.end);
+    }
+    if pos < end {
+        f(pos, end)?;
+    }
+    Ok(())
+}
+
+/// Adds `[start, end)` of the extent `e` to the changes being sent.
+fn change(
+    chain: &Chain,
+    e: &Extent,
+    start: u64,
+    end: u64,
+    zero_unallocated: bool,
+    piece: &mut Option<Piece>,
+    pieces: &mut Pieces<'_, Vec<Change>>,
+) -> Result<()> {
+    match e.kind {
+        ExtentKind::Data { .. } | ExtentKind::Compressed { .. } => {
+            let mut offset = start;
+            while offset < end {
+                let Some((changes, buf, used)) = current(piece, pieces) else {
+                    return Ok(());
+                };
+                let room = buf.len() - *used;
+                if room == 0 {
+                    send(piece, pieces);
+                    continue;
+                }
+                let len = (room as u64).min(end - offset) as usize;
+                chain.read_extent(e, offset, &mut buf[*used..*used + len])?;
+                changes.push(Change::Data {
+                    offset,
+                    pos: *used,
+                    len,
+                });
+                *used += len;
+                offset += len as u64;
+            }
+        }
+        ExtentKind::Zero { .. } => zero(piece, pieces, start, end - start),
+        ExtentKind::Unallocated if zero_unallocated => zero(piece, pieces, start, end - start),
+        ExtentKind::Unallocated => {}
+    }
     Ok(())
 }
 
