@@ -2004,3 +2004,78 @@ fn instant_recovery_streams_a_served_point_into_a_local_image() {
     );
     sh("qemu-img", &["check", local.to_str().unwrap()]);
 }
+
+/// `--keep-last 2` after every run: two points stay, each restores to the disk at its
+/// time, and the chain goes on from the newest (the next incremental restores right). A
+/// prune that cannot run (a reader holds the directory) leaves the backup and exits 3.
+#[test]
+fn keep_last_prunes_after_every_backup_and_the_chain_goes_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut vm = Vm::standard(tmp.path());
+    let t = tmp.path().join("bk");
+    let ts = t.display().to_string();
+    let d = t.join("d1.qcow2");
+    let mut models: Vec<Vec<u8>> = Vec::new();
+    for run in 0..5u64 {
+        vm.write(0, run * 3 * MIB / 2, 8192, 0x30 + run as u8);
+        let log = backup_ok(
+            &vm,
+            &[
+                "backup",
+                "-l",
+                "auto",
+                "-t",
+                &ts,
+                "-i",
+                "vblk1",
+                "--keep-last",
+                "2",
+            ],
+        );
+        models.push(vm.models[0].clone());
+        let names: Vec<String> = files(&d, "FULL-")
+            .into_iter()
+            .chain(files(&d, "INC-"))
+            .collect();
+        let want = models.len().min(2);
+        assert_eq!(names.len(), want, "run {run}: {names:?}\n{log}");
+        for (name, model) in names.iter().zip(&models[models.len() - want..]) {
+            assert_restores_to(&d, Some(name), model, name);
+        }
+        if run >= 2 {
+            assert!(log.contains("fold"), "run {run}: {log}");
+        }
+    }
+    assert_eq!(files(&d, "FULL-").len(), 1);
+    // A reader holds the directory: the backup succeeds, the prune cannot run: exit 3.
+    let held =
+        qmpbackup::store::lock::lock_dir(&d, qmpbackup::store::lock::LockMode::Shared).unwrap();
+    vm.write(0, 0, 4096, 0x66);
+    let (code, _, err) = qmpbackup(
+        &vm,
+        &[
+            "backup",
+            "-l",
+            "inc",
+            "-t",
+            &ts,
+            "-i",
+            "vblk1",
+            "--keep-last",
+            "2",
+        ],
+    );
+    assert_eq!(code, 3, "{err}");
+    assert!(
+        err.contains("finish the prune with `qmprestore prune"),
+        "{err}"
+    );
+    drop(held);
+    let names: Vec<String> = files(&d, "FULL-")
+        .into_iter()
+        .chain(files(&d, "INC-"))
+        .collect();
+    assert_eq!(names.len(), 3, "{names:?}");
+    assert_restores_to(&d, None, &vm.models[0], "after-exit-3");
+    no_leftovers(&vm);
+}

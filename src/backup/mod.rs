@@ -18,6 +18,8 @@ use crate::store::disk_dir::DiskDir;
 use crate::store::level::BackupLevel;
 use crate::store::manifest;
 use crate::store::name::{config_name, fleece_name, partial_name};
+use crate::store::prune::{prune, PruneOptions};
+use crate::store::retention::KeepOptions;
 use crate::store::target::{Target, TargetOptions};
 use crate::store::uuid::{bitmap_name, check_uuid, new_uuid};
 use anyhow::{anyhow, bail, Context, Result};
@@ -93,6 +95,11 @@ pub struct BackupOptions {
     /// Print progress events and the summary as JSON lines on stdout.
     #[arg(long)]
     pub json: bool,
+    /// After a successful backup, prune each backed-up disk's points across the target
+    /// (month folders included) with these keep options, as `qmprestore prune` does; never
+    /// after a failed one. Exit code 3: the backup succeeded but the prune did not.
+    #[command(flatten)]
+    pub keep: KeepOptions,
     /// Cancel the backup (and fail) when a disk's job has made no progress for this many
     /// seconds: a stuck storage or QEMU never keeps the run waiting forever.
     #[arg(long, default_value_t = 1800, value_name = "SECONDS")]
@@ -143,6 +150,9 @@ impl BackupOptions {
 #[derive(Debug, Clone, Serialize)]
 pub struct DiskSummary {
     pub disk: String,
+    /// The disk's name in the target (its directory, or the name part of its files).
+    #[serde(skip)]
+    pub name: String,
     pub level: BackupLevel,
     pub file: String,
     /// Guest bytes of data the backup file holds: what was actually copied.
@@ -529,6 +539,7 @@ pub async fn backup(
         let copied = copied_bytes(&p.final_path).unwrap_or(r.bytes);
         summary.disks.push(DiskSummary {
             disk: p.disk.label(),
+            name: p.disk.name.clone(),
             level: p.level,
             file: p.final_path.display().to_string(),
             bytes: copied,
@@ -732,4 +743,47 @@ pub async fn remove_bitmaps(qmp: &Qmp, uuid: Option<&str>) -> Result<Vec<String>
         }
     }
     Ok(done)
+}
+
+/// After a successful run with keep options: prunes the disks it backed up, across the
+/// whole target, with the plan on stderr (as a JSON event with `--json`). An error says
+/// how to finish the prune by hand; the backup itself stands either way.
+pub fn prune_after_backup(opts: &BackupOptions, summary: &Summary) -> Result<()> {
+    let policy = opts.keep.policy();
+    if policy.is_empty() {
+        return Ok(());
+    }
+    let target = &opts.target.target;
+    let mut names: Vec<String> = summary.disks.iter().map(|d| d.name.clone()).collect();
+    names.sort();
+    names.dedup();
+    let popts = PruneOptions {
+        policy,
+        zone: opts.keep.zone(),
+        disks: Some(names),
+        ..Default::default()
+    };
+    let again = format!(
+        "the backup succeeded and stays; finish the prune with `qmprestore prune --dir {} --{}{}`",
+        target.display(),
+        policy.describe().replace(", ", " --"),
+        if opts.keep.utc { " --utc" } else { "" }
+    );
+    let reporting = crate::progress::Reporting {
+        json: false,
+        stdout_is_data: true,
+        quiet: false,
+    };
+    let report = prune(target, &popts, &reporting, |plan| {
+        if opts.json {
+            println!("{}", json!({"event": "prune-plan", "plan": plan}));
+        } else {
+            eprint!("{}", plan.human());
+        }
+    })
+    .with_context(|| again.clone())?;
+    if report.failed() {
+        bail!("some disks could not be pruned (see the plan); {again}");
+    }
+    Ok(())
 }

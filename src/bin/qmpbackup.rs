@@ -133,6 +133,11 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             let opts = &a.opts;
             // Refused before connecting, as any other invalid argument.
             opts.speed_limit_bytes()?;
+            if opts.target.no_timestamp && !opts.keep.policy().is_empty() {
+                anyhow::bail!(
+                    "--keep-* prunes by the time in the backups' names, which --no-timestamp leaves out: use one or the other"
+                );
+            }
             let abort: AbortFlag = Abort::new();
             install_signals(abort.clone(), opts.cancel_timeout());
             let qmp = connect(&cli.socket).await?;
@@ -149,6 +154,16 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                         eprint!("{}", s.human());
                     }
                     report::info("backup finished");
+                    if let Err(e) = backup::prune_after_backup(opts, &s) {
+                        if opts.json {
+                            println!(
+                                "{}",
+                                json!({"event": "prune-error", "error": format!("{e:#}")})
+                            );
+                        }
+                        report::error(format!("qmpbackup: prune failed: {e:#}"));
+                        return Ok(ExitCode::from(3));
+                    }
                 }
                 Err(e) => {
                     if opts.json {
