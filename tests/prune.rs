@@ -35,6 +35,18 @@ fn build_chain(
     opts: &str,
     disk: &str,
 ) -> Vec<(u64, String, PathBuf)> {
+    build_chain_with(dir, models, times, opts, disk, None)
+}
+
+/// [`build_chain`] with the INC `big` (if any) writing 2 MiB more.
+fn build_chain_with(
+    dir: &Path,
+    models: &Path,
+    times: &[u64],
+    opts: &str,
+    disk: &str,
+    big: Option<usize>,
+) -> Vec<(u64, String, PathBuf)> {
     std::fs::create_dir_all(dir).unwrap();
     std::fs::create_dir_all(models).unwrap();
     let mut names = Vec::new();
@@ -70,6 +82,9 @@ fn build_chain(
             }
             if i >= 4 {
                 c.push("write -P 0x77 9M 64k".into());
+            }
+            if big == Some(i) {
+                c.push("write -P 0x88 4M 2M".into());
             }
             c
         };
@@ -267,6 +282,36 @@ fn dry_run_changes_nothing_and_json_shows_the_plan() {
     // Without a keep option: refused, nothing changed.
     refused(&dir, &["prune", "--dir", "."], "no keep option given");
     assert_eq!(digest(&dir), before);
+}
+
+/// Folding a big removed INC into a small kept one is done the other way round (the kept
+/// one committed into it, which takes its name): it writes less; killed anywhere, it
+/// resumes to the same result.
+#[test]
+fn a_big_removed_inc_takes_in_the_small_kept_one() {
+    let (policy, kept, files) = cases("d").remove(2);
+    for kill in [false, true] {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("d");
+        let points = build_chain_with(&dir, &tmp.path().join("m"), &TIMES, "", "d", Some(1));
+        let mut args = vec!["prune", "--dir", ".", "--utc"];
+        args.extend(&policy);
+        if kill {
+            let kills = kill_at_every_write(
+                "prune (commit direction)",
+                || restore_cmd(&dir, &args),
+                |_| {},
+            );
+            assert!(kills >= 5, "only {kills} kill points");
+        } else {
+            let (code, out, err) = restore(&dir, &args);
+            assert_eq!(code, 0, "{out}{err}");
+            assert!(err.contains("which writes less"), "{err}");
+        }
+        assert_eq!(backup_files(&dir), expected_files(&files));
+        let kept: Vec<&(u64, String, PathBuf)> = kept.iter().map(|&i| &points[i]).collect();
+        assert_points_restore(&dir, tmp.path(), &kept);
+    }
 }
 
 /// Kills the command at write 1, 2, 3, … (each run on what the previous kill left) until a

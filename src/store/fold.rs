@@ -12,7 +12,7 @@ use crate::store::manifest::edit::{self, FullEdit};
 use crate::store::manifest::runs::allocated_spans;
 use crate::store::manifest::verify::verify_manifest;
 use anyhow::{bail, Context, Result};
-use qcow2::ops::commit::{commit_into, commit_into_except};
+use qcow2::ops::commit::{commit_alone_into, commit_into_except};
 use qcow2::ops::copy::source::for_each_gap;
 use qcow2::ops::throttle::Throttle;
 use qcow2::repair::{repair, RepairMode};
@@ -298,6 +298,19 @@ pub fn check_before_commit(full: &BackupFile, incs: &[&BackupFile], checks: bool
 /// linked chain does.
 pub fn commit_inc(
     full: &mut Qcow2,
+    edit: Option<&mut FullEdit>,
+    inc: &BackupFile,
+    rate_limit: u64,
+    meter: &Arc<Meter>,
+) -> Result<()> {
+    commit_inc_over(full, None, edit, inc, rate_limit, meter)
+}
+
+/// [`commit_inc`] into a file that is itself above `backing` (an INC): what a partial
+/// cluster write into it does not cover comes from there.
+pub fn commit_inc_over(
+    full: &mut Qcow2,
+    backing: Option<&qcow2::Chain>,
     mut edit: Option<&mut FullEdit>,
     inc: &BackupFile,
     rate_limit: u64,
@@ -310,8 +323,13 @@ pub fn commit_inc(
     full.grow_zeroing_tail(inc_chain.virtual_size())?;
     let meter = meter.clone();
     let mut throttle = Throttle::new(rate_limit).with_meter(Box::new(move |n| meter.add(n)));
-    commit_into(full, None, &inc_chain, 1, &mut throttle)
-        .with_context(|| format!("committing {} into the full backup", inc.name))?;
+    commit_alone_into(
+        full,
+        qcow2::chain::as_backing(backing),
+        &inc_chain,
+        &mut throttle,
+    )
+    .with_context(|| format!("committing {} into the file below it", inc.name))?;
     full.flush()?;
     if let Some(edit) = edit {
         edit.finish()?;
@@ -355,15 +373,8 @@ pub fn fold_under(
     meter: &Arc<Meter>,
 ) -> Result<()> {
     recover_manifest(into)?;
-    let mut layers = Vec::new();
-    for f in removed.iter().rev().chain(below.iter().rev()) {
-        let q = Qcow2::open(&f.path).context("cannot open backup file")?;
-        layers.push(qcow2::chain::Layer::Qcow2(Box::new(q)));
-    }
-    let stack = qcow2::Chain::from_layers(layers)?;
-    let alone = open_alone(into)?;
-    let keep = allocated_spans(&alone, 0, alone.virtual_size())?;
-    drop(alone);
+    let stack = open_stack(removed.iter().rev().chain(below.iter().rev()).copied())?;
+    let keep = own_allocation(into)?;
     let changed = changes_above(&stack, removed.len(), &keep)?;
     if changed.is_empty() {
         return Ok(());
@@ -430,4 +441,30 @@ fn changes_above(
         Ok(())
     })?;
     Ok(out)
+}
+
+/// The files (newest first) as one stack, each opened alone and layered in that order.
+pub fn open_stack<'a>(files: impl Iterator<Item = &'a BackupFile>) -> Result<qcow2::Chain> {
+    let mut layers = Vec::new();
+    for f in files {
+        let q = Qcow2::open(&f.path).context("cannot open backup file")?;
+        layers.push(qcow2::chain::Layer::Qcow2(Box::new(q)));
+    }
+    Ok(qcow2::Chain::from_layers(layers)?)
+}
+
+/// What a backup file holds itself (data and zero clusters), merged.
+fn own_allocation(f: &BackupFile) -> Result<Vec<std::ops::Range<u64>>> {
+    let alone = open_alone(f)?;
+    allocated_spans(&alone, 0, alone.virtual_size())
+}
+
+/// What [`fold_under`] would write into `into` for `removed` (newest first).
+pub fn fold_under_bytes(into: &BackupFile, removed: &[&BackupFile]) -> Result<u64> {
+    let stack = open_stack(removed.iter().rev().copied())?;
+    let keep = own_allocation(into)?;
+    Ok(changes_above(&stack, removed.len(), &keep)?
+        .iter()
+        .map(|r| r.end - r.start)
+        .sum())
 }

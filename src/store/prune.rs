@@ -301,7 +301,7 @@ fn preflight_plan(chains: &[BackupChain], plan: &PrunePlan, check: &CheckOptions
 }
 
 /// The steps of a plan, by directory (in the plan's order within each).
-fn steps_by_dir(plan: &PrunePlan) -> BTreeMap<PathBuf, Vec<Step>> {
+fn steps_by_dir(plan: &PrunePlan) -> Result<BTreeMap<PathBuf, Vec<Step>>> {
     let mut out: BTreeMap<PathBuf, Vec<Step>> = BTreeMap::new();
     let dir_of = |f: &BackupFile| f.path.parent().map(Path::to_path_buf).unwrap_or_default();
     for a in &plan.actions {
@@ -324,6 +324,7 @@ fn steps_by_dir(plan: &PrunePlan) -> BTreeMap<PathBuf, Vec<Step>> {
                     .push(Step::FoldIntoNext {
                         removed: removed.iter().map(|f| f.name.clone()).collect(),
                         into: into.name.clone(),
+                        by_commit: commit_writes_less(removed, into)?,
                     })
             }
             Action::Remove { files } => {
@@ -337,7 +338,20 @@ fn steps_by_dir(plan: &PrunePlan) -> BTreeMap<PathBuf, Vec<Step>> {
             }
         }
     }
-    out
+    Ok(out)
+}
+
+/// Whether folding `removed` into `into` writes less the other way round: committing the
+/// INCs after the oldest removed one (`into` included) into it, against filling `into`
+/// with what the removed INCs hold and it does not.
+fn commit_writes_less(removed: &[BackupFile], into: &BackupFile) -> Result<bool> {
+    let refs: Vec<&BackupFile> = removed.iter().collect();
+    let fill = crate::store::fold::fold_under_bytes(into, &refs)?;
+    let mut commit = 0;
+    for f in removed[1..].iter().chain(std::iter::once(into)) {
+        commit += data_bytes(&crate::store::fold::open_alone(f)?)?;
+    }
+    Ok(commit < fill)
 }
 
 /// Carries out one disk's plan: every directory's journal written first, then each
@@ -348,7 +362,7 @@ fn carry_out(
     reporting: &Reporting,
     ctx: &StepContext<'_>,
 ) -> Result<()> {
-    let by_dir = steps_by_dir(plan);
+    let by_dir = steps_by_dir(plan)?;
     let total = fold_bytes(plan)?;
     let meter = Arc::new(reporting.meter("prune", total));
     let ctx = StepContext {
@@ -385,9 +399,20 @@ fn describe(dir: &Path, s: &Step) {
             "folding {} into {full}, renamed {renamed_to}",
             incs.join(", ")
         ),
-        Step::FoldIntoNext { removed, into } => {
-            format!("folding {} into {into}", removed.join(", "))
-        }
+        Step::FoldIntoNext {
+            removed,
+            into,
+            by_commit: false,
+        } => format!("folding {} into {into}", removed.join(", ")),
+        Step::FoldIntoNext {
+            removed,
+            into,
+            by_commit: true,
+        } => format!(
+            "folding {} into {into} (committing the newer ones into {}, which writes less, then renaming it {into})",
+            removed.join(", "),
+            removed[0]
+        ),
         Step::Remove { files } => format!("removing {}", files.join(", ")),
     };
     report::info(format!("{}: {msg}", dir.display()));

@@ -79,7 +79,17 @@ pub fn commit_into(
     above: usize,
     throttle: &mut Throttle,
 ) -> Result<CommitStats> {
-    commit_into_except(base, base_backing, chain, above, &[], throttle)
+    // Zeros above BASE (past an upper image's end) must hide BASE's own backing.
+    let zero_unallocated = base_backing.is_some();
+    commit_changes(
+        base,
+        base_backing,
+        chain,
+        above,
+        &[],
+        zero_unallocated,
+        throttle,
+    )
 }
 
 /// [`commit_into`], except that the guest ranges of `keep` (sorted, disjoint) are left as
@@ -96,10 +106,35 @@ pub fn commit_into_except(
     keep: &[std::ops::Range<u64>],
     throttle: &mut Throttle,
 ) -> Result<CommitStats> {
+    commit_changes(base, base_backing, chain, above, keep, false, throttle)
+}
+
+/// [`commit_into`] of an image opened alone (`chain` one layer, nothing below it) into
+/// `base`, which has `base_backing` below it: what the image does not allocate is no
+/// change (it would read from below), and partial clusters written into `base` are
+/// completed from `base_backing`.
+pub fn commit_alone_into(
+    base: &mut Qcow2,
+    base_backing: Option<&dyn Backing>,
+    chain: &Chain,
+    throttle: &mut Throttle,
+) -> Result<CommitStats> {
+    commit_changes(base, base_backing, chain, 1, &[], false, throttle)
+}
+
+/// The body of the commits: `zero_unallocated` turns what no layer above `above`
+/// allocates (past an upper image's end) into zeros.
+fn commit_changes(
+    base: &mut Qcow2,
+    base_backing: Option<&dyn Backing>,
+    chain: &Chain,
+    above: usize,
+    keep: &[std::ops::Range<u64>],
+    zero_unallocated: bool,
+    throttle: &mut Throttle,
+) -> Result<CommitStats> {
     let size = chain.virtual_size();
     base.grow(size)?;
-    // Zeros above BASE (past an upper image's end) must hide BASE's own backing.
-    let zero_unallocated = base_backing.is_some();
     // Upper layers are mostly scattered clusters: wide windows, their data packed, so each
     // hand-off carries a buffer's worth (a hand-off per few clusters costs more in thread
     // wake-ups than the copy). One reader: the plan step writes (through the base's own

@@ -33,7 +33,15 @@ pub enum Step {
         renamed_to: String,
     },
     /// Fold `removed` (consecutive INCs, oldest first) under `into`, then remove them.
-    FoldIntoNext { removed: Vec<String>, into: String },
+    /// `by_commit`: the other way round, which writes less when the kept INC is the
+    /// smaller: the INCs after the oldest removed one, `into` last, are committed into it,
+    /// and it takes `into`'s name.
+    FoldIntoNext {
+        removed: Vec<String>,
+        into: String,
+        #[serde(default)]
+        by_commit: bool,
+    },
     /// Remove these files (newest first).
     Remove { files: Vec<String> },
 }
@@ -89,7 +97,7 @@ pub fn read(dir: &Dir) -> Result<Option<Vec<Step>>> {
                 incs,
                 renamed_to,
             } => incs.iter().chain([full, renamed_to]).collect(),
-            Step::FoldIntoNext { removed, into } => removed.iter().chain([into]).collect(),
+            Step::FoldIntoNext { removed, into, .. } => removed.iter().chain([into]).collect(),
             Step::Remove { files } => files.iter().collect(),
         };
         if let Some(bad) = names
@@ -140,6 +148,7 @@ mod tests {
             Step::FoldIntoNext {
                 removed: vec!["INC-3-d".into()],
                 into: "INC-4-d".into(),
+                by_commit: true,
             },
             Step::Remove {
                 files: vec!["COPY-1-d".into()],

@@ -17,7 +17,8 @@ use crate::progress::Meter;
 use crate::store::disk_dir::DiskDir;
 use crate::store::file::BackupFile;
 use crate::store::fold::{
-    check_before_commit, commit_inc, fold_under, open_full_for_writing, recover_manifest,
+    check_before_commit, commit_inc, commit_inc_over, fold_under, open_full_for_writing,
+    open_stack, recover_manifest,
 };
 use crate::store::manifest::edit::{pending_name, FullEdit};
 use crate::store::manifest::{load_manifest, manifest_name, store, Origin};
@@ -41,7 +42,16 @@ pub fn take(dir: &Dir, step: &Step, ctx: &StepContext<'_>) -> Result<()> {
             incs,
             renamed_to,
         } => fold_into_full(dir, full, incs, renamed_to, ctx),
-        Step::FoldIntoNext { removed, into } => fold_into_next(dir, removed, into, ctx),
+        Step::FoldIntoNext {
+            removed,
+            into,
+            by_commit: false,
+        } => fold_into_next(dir, removed, into, ctx),
+        Step::FoldIntoNext {
+            removed,
+            into,
+            by_commit: true,
+        } => commit_into_removed(dir, removed, into, ctx),
         Step::Remove { files } => {
             for f in files {
                 remove_backup(dir, f)?;
@@ -157,29 +167,8 @@ fn fold_into_next(dir: &Dir, removed: &[String], into: &str, ctx: &StepContext<'
         all_present &= exists(dir, r)?;
     }
     if all_present && !removed.is_empty() {
-        let scanned = DiskDir::scan_lenient(dir.path(), None)?;
-        let chain = scanned
-            .chains
-            .iter()
-            .find(|c| c.incs.iter().any(|f| f.name == into))
-            .ok_or_else(|| {
-                anyhow!(
-                    "{}: {into} is not in a chain here any more; the prune cannot finish this step",
-                    dir.path().display()
-                )
-            })?;
-        let files = chain.files();
-        let first = files
-            .iter()
-            .position(|f| f.name == removed[0])
-            .ok_or_else(|| {
-                anyhow!(
-                    "{}: {} is not in {into}'s chain",
-                    dir.path().display(),
-                    removed[0]
-                )
-            })?;
-        let below = &files[..first];
+        let below = files_below(dir, into, &removed[0])?;
+        let below: Vec<&BackupFile> = below.iter().collect();
         let removed_f: Vec<BackupFile> = removed
             .iter()
             .map(|r| backup(dir, r))
@@ -188,13 +177,111 @@ fn fold_into_next(dir: &Dir, removed: &[String], into: &str, ctx: &StepContext<'
         fold_under(
             &backup(dir, into)?,
             &refs,
-            below,
+            &below,
             ctx.checks,
             ctx.rate_limit,
             ctx.meter,
         )?;
     }
     for r in removed.iter().rev() {
+        remove_backup(dir, r)?;
+    }
+    dir.sync();
+    Ok(())
+}
+
+/// The files of `into`'s chain in `dir` below `first` (FULL first), as they are now.
+fn files_below(dir: &Dir, into: &str, first: &str) -> Result<Vec<BackupFile>> {
+    let scanned = DiskDir::scan_lenient(dir.path(), None)?;
+    let chain = scanned
+        .chains
+        .iter()
+        .find(|c| c.incs.iter().any(|f| f.name == into))
+        .ok_or_else(|| {
+            anyhow!(
+                "{}: {into} is not in a chain here any more; the prune cannot finish this step",
+                dir.path().display()
+            )
+        })?;
+    let files = chain.files();
+    let at = files
+        .iter()
+        .position(|f| f.name == first)
+        .ok_or_else(|| anyhow!("{}: {first} is not in {into}'s chain", dir.path().display()))?;
+    Ok(files[..at].iter().map(|&f| f.clone()).collect())
+}
+
+/// Folding the other way round: the INCs after the oldest removed one (`into` last) are
+/// committed into it, which then takes `into`'s name (renamed over it: at every instant
+/// the name holds the old or the new file, both reading as the point did), its manifest
+/// after it; then the other removed INCs go.
+fn commit_into_removed(
+    dir: &Dir,
+    removed: &[String],
+    into: &str,
+    ctx: &StepContext<'_>,
+) -> Result<()> {
+    let Some(oldest) = removed.first() else {
+        return Ok(());
+    };
+    if exists(dir, oldest)? {
+        let base = backup(dir, oldest)?;
+        let above: Vec<BackupFile> = removed[1..]
+            .iter()
+            .chain(std::iter::once(&into.to_string()))
+            .map(|n| backup(dir, n))
+            .collect::<Result<_>>()?;
+        let refs: Vec<&BackupFile> = above.iter().collect();
+        let below = files_below(dir, into, oldest)?;
+        let backing = open_stack(below.iter().rev())?;
+        check_before_commit(&base, &refs, ctx.checks)?;
+        let mut img = open_full_for_writing(&base, None)?;
+        let mut edit = FullEdit::open(&base.path)?;
+        for inc in &above {
+            commit_inc_over(
+                &mut img,
+                Some(&backing),
+                edit.as_mut(),
+                inc,
+                ctx.rate_limit,
+                ctx.meter,
+            )
+            .with_context(|| format!("committing {} into {oldest}", inc.name))?;
+        }
+        drop(img);
+        if !exists(dir, &manifest_name(oldest))? {
+            // The result has no manifest: the kept INC's must not describe it.
+            crash_point();
+            dir.remove(&manifest_name(into)).with_context(|| {
+                format!(
+                    "{}: cannot remove",
+                    dir.join(&manifest_name(into)).display()
+                )
+            })?;
+        }
+        crash_point();
+        dir.rename(oldest, into)
+            .with_context(|| format!("{}: cannot rename to {into}", dir.join(oldest).display()))?;
+        dir.sync();
+    }
+    // Renamed: the manifest follows (an interrupted run left it under the old name).
+    if exists(dir, &manifest_name(oldest))? {
+        let old = dir.join(oldest);
+        let m = load_manifest(&old)?;
+        if let Some(mut m) = m {
+            m.header.file = into.to_string();
+            crash_point();
+            store(&dir.join(into), &m)?;
+        }
+        crash_point();
+        dir.remove(&manifest_name(oldest)).with_context(|| {
+            format!(
+                "{}: cannot remove",
+                dir.join(&manifest_name(oldest)).display()
+            )
+        })?;
+    }
+    for r in removed[1..].iter().rev() {
         remove_backup(dir, r)?;
     }
     dir.sync();
