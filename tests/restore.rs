@@ -114,12 +114,22 @@ fn commit_in_place() {
     for (f, _) in &b.points[1..] {
         assert!(!d.join(f).exists(), "{f} should be removed");
     }
-    // The FULL's manifest was refreshed and verifies.
+    // The FULL's manifest was refreshed and verifies; it equals a fresh one.
     restore_ok(&d, &["verify", "--dir", "."]);
+    let m = qmpbackup::store::manifest::load_manifest(&d.join(full))
+        .unwrap()
+        .unwrap();
+    let fresh = qmpbackup::store::manifest::compute_runs(&d.join(full)).unwrap();
+    assert_eq!(m.runs, fresh.2);
     // --until: only the INCs up to the point.
     let d2 = copy_dir(&b, "cm2");
     restore_ok(&d2, &["commit", "--dir", ".", "--until", &b.points[1].0]);
     same(&d2, full, &b.points[1].1);
+    let m = qmpbackup::store::manifest::load_manifest(&d2.join(full))
+        .unwrap()
+        .unwrap();
+    let fresh = qmpbackup::store::manifest::compute_runs(&d2.join(full)).unwrap();
+    assert_eq!(m.runs, fresh.2, "a commit updated by CRC delta only");
     assert!(d2.join(&b.points[2].0).exists());
 }
 
@@ -1231,6 +1241,17 @@ fn rot_cases(version: u32) -> Vec<RotCase> {
             what: "FULL data the INCs leave",
             point: 0,
             guest: 7 * MIB as u64 + 600,
+            merge_stops: true,
+            commit_stops: !v2,
+            rot_survives: true,
+        },
+        // A FULL block an INC changes in part: the commit updates its checksum from what
+        // changes alone (version 2), so the rot beside the change stays detectable; with
+        // version 1 the grown last INC re-reads the one block, which is checked first.
+        RotCase {
+            what: "FULL data beside an INC's change",
+            point: 0,
+            guest: 5 * MIB as u64 + 700_000,
             merge_stops: true,
             commit_stops: !v2,
             rot_survives: true,

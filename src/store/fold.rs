@@ -8,6 +8,7 @@ use crate::report;
 use crate::store::chain::BackupChain;
 use crate::store::file::BackupFile;
 use crate::store::manifest;
+use crate::store::manifest::check::ManifestCheck;
 use crate::store::manifest::edit::{self, FullEdit};
 use crate::store::manifest::runs::allocated_spans;
 use crate::store::manifest::verify::verify_manifest;
@@ -373,33 +374,37 @@ pub fn fold_under(
     meter: &Arc<Meter>,
 ) -> Result<()> {
     recover_manifest(into)?;
-    let stack = open_stack(removed.iter().rev().chain(below.iter().rev()).copied())?;
+    let mut stack = open_stack(removed.iter().rev().chain(below.iter().rev()).copied())?;
     let keep = own_allocation(into)?;
     let changed = changes_above(&stack, removed.len(), &keep)?;
     if changed.is_empty() {
         return Ok(());
     }
+    // Every block read from the stack is checked against its file's manifest as it is
+    // read, by the commit and by the manifest's update alike.
     if checks {
-        for f in removed {
-            match verify_manifest(&f.path) {
-                Ok(Some(_)) => {}
-                Ok(None) => warn_no_manifest(&f.name),
-                Err(e) => {
-                    return Err(e.context(format!(
-                        "{} failed its checksum check; nothing was changed. `qmprestore verify` lists every damaged file",
-                        f.name
-                    )))
-                }
-            }
+        let (check, unchecked) = ManifestCheck::for_chain(&stack)?;
+        for path in unchecked {
+            warn_no_manifest(&path);
         }
-        edit::check_blocks(&into.path, &changed)?;
+        stack.set_read_check(Arc::new(check));
     } else {
         warn_unchecked();
+    }
+    let by_delta = whole_clusters(&stack, removed.len(), into)?;
+    if checks && !by_delta {
+        edit::check_blocks(&into.path, &changed)?;
     }
     let mut img = open_full_for_writing(into, None)?;
     let mut edit = FullEdit::open(&into.path)?;
     if let Some(edit) = edit.as_mut() {
-        edit.begin_ranges(&changed, img.virtual_size())?;
+        if by_delta {
+            let spans: Vec<(u64, u64, bool)> =
+                changed.iter().map(|r| (r.start, r.end, true)).collect();
+            edit.begin_changes(&spans, |pos, buf| Ok(stack.read_at(buf, pos)?))?;
+        } else {
+            edit.begin_ranges(&changed, img.virtual_size())?;
+        }
     }
     let meter = meter.clone();
     let mut throttle = Throttle::new(rate_limit).with_meter(Box::new(move |n| meter.add(n)));
@@ -418,6 +423,16 @@ pub fn fold_under(
         edit.finish()?;
     }
     Ok(())
+}
+
+/// Whether the folded layers (the top `above` of `stack`) and `into` share one cluster
+/// size without subclusters: the fold then writes whole clusters of `into` where it had
+/// none, and its manifest is updated from the data written alone.
+fn whole_clusters(stack: &qcow2::Chain, above: usize, into: &BackupFile) -> Result<bool> {
+    let target = open_alone(into)?;
+    Ok(stack.layers()[..above]
+        .iter()
+        .all(|l| manifest::delta::applies_layers(l, target.top())))
 }
 
 /// What the top `above` layers of `stack` hold (data and zero clusters) outside `keep`

@@ -10,6 +10,7 @@
 //! checksums cannot be true any more.
 
 use crate::fsutil::Dir;
+use crate::store::manifest::delta::{self, DeltaPlan};
 use crate::store::manifest::runs::{allocated_spans, compute_runs_in, CheckedRun};
 use crate::store::manifest::verify::RunVerifier;
 use crate::store::manifest::{load_manifest, open_alone, open_parent, store, Manifest};
@@ -34,6 +35,9 @@ pub struct FullEdit {
     manifest: Manifest,
     /// Block-aligned guest ranges the commit under way may change (sorted, disjoint).
     touched: Vec<Range<u64>>,
+    /// The commit under way, planned from the data it replaces and writes (see
+    /// [`delta`]); None: the touched blocks are re-read afterwards.
+    delta: Option<DeltaPlan>,
 }
 
 /// What a commit of an INC changes in a FULL, in whole blocks of the FULL's manifest.
@@ -132,6 +136,7 @@ impl FullEdit {
             name,
             manifest,
             touched: Vec::new(),
+            delta: None,
         }))
     }
 
@@ -139,6 +144,19 @@ impl FullEdit {
     /// with `full_cluster` clusters: the blocks it may change are written to the pending
     /// file.
     pub fn begin(&mut self, inc: &Chain, full_size: u64, full_cluster: u64) -> Result<()> {
+        let target = open_alone(&self.image)?;
+        if delta::applies(inc, &target) {
+            let plan = DeltaPlan::new(
+                inc,
+                &target,
+                &self.manifest.runs,
+                self.manifest.header.block_size,
+            )
+            .with_context(|| format!("{}", self.image.display()))?;
+            let touched = plan.touched.clone();
+            self.delta = Some(plan);
+            return self.begin_blocks(touched);
+        }
         let touched = changed_blocks(
             inc,
             full_size,
@@ -146,6 +164,28 @@ impl FullEdit {
             self.manifest.header.block_size,
         )?
         .touched;
+        self.begin_blocks(touched)
+    }
+
+    /// Before `spans` (sorted, disjoint: start, end, data or zeros) are written into
+    /// the image where it allocates nothing: the manifest's update is planned from the
+    /// new data alone (`read_new` reads it), see [`delta`].
+    pub fn begin_changes(
+        &mut self,
+        spans: &[(u64, u64, bool)],
+        read_new: impl FnMut(u64, &mut [u8]) -> Result<()>,
+    ) -> Result<()> {
+        let target = open_alone(&self.image)?;
+        let plan = DeltaPlan::from_changes(
+            &target,
+            &self.manifest.runs,
+            self.manifest.header.block_size,
+            spans,
+            read_new,
+        )
+        .with_context(|| format!("{}", self.image.display()))?;
+        let touched = plan.touched.clone();
+        self.delta = Some(plan);
         self.begin_blocks(touched)
     }
 
@@ -174,12 +214,69 @@ impl FullEdit {
     /// removed.
     pub fn finish(&mut self) -> Result<()> {
         let touched = std::mem::take(&mut self.touched);
-        replace_ranges(&self.image, &mut self.manifest, &touched)?;
+        match self.delta.take() {
+            Some(plan) => self.apply_delta(&plan)?,
+            None => replace_ranges(&self.image, &mut self.manifest, &touched)?,
+        }
         let pending = pending_name(&self.name);
         self.dir
             .remove(&pending)
             .with_context(|| format!("{}: cannot remove", self.dir.join(&pending).display()))
     }
+}
+
+impl FullEdit {
+    /// The runs of the touched blocks as planned, where the image now allocates what the
+    /// plan says; a block where it does not (a commit that wrote otherwise than planned)
+    /// is re-read instead.
+    fn apply_delta(&mut self, plan: &DeltaPlan) -> Result<()> {
+        let block = self.manifest.header.block_size;
+        let chain = open_alone(&self.image)?;
+        let planned = plan.runs_after(&self.manifest.runs, block);
+        let mut fresh: Vec<CheckedRun> = Vec::with_capacity(planned.len());
+        for b in &plan.touched {
+            let want = delta::merge_ranges(
+                planned
+                    .iter()
+                    .filter(|r| r.start >= b.start && r.end() <= b.end)
+                    .map(|r| r.start..r.end()),
+            );
+            if delta::allocation(&chain, std::slice::from_ref(b))? == want {
+                fresh.extend(
+                    planned
+                        .iter()
+                        .filter(|r| r.start >= b.start && r.end() <= b.end),
+                );
+            } else {
+                crate::report::debug(format!(
+                    "{}: block {:#x} allocated otherwise than planned; its checksums are re-read",
+                    self.image.display(),
+                    b.start
+                ));
+                fresh.extend(compute_runs_in(&chain, std::slice::from_ref(b), block)?);
+            }
+        }
+        splice_runs(&mut self.manifest, &plan.touched, fresh);
+        self.manifest.header.virtual_size = chain.virtual_size();
+        store(&self.image, &self.manifest)
+    }
+}
+
+/// Replaces the runs of `m` within `ranges` (whole blocks, sorted) with `fresh`.
+fn splice_runs(m: &mut Manifest, ranges: &[Range<u64>], fresh: Vec<CheckedRun>) {
+    let mut kept: Vec<CheckedRun> = Vec::with_capacity(m.runs.len() + fresh.len());
+    let mut r = ranges.iter().peekable();
+    for run in m.runs.drain(..) {
+        while r.peek().is_some_and(|x| x.end <= run.start) {
+            r.next();
+        }
+        if r.peek().is_none_or(|x| x.start > run.start) {
+            kept.push(run);
+        }
+    }
+    kept.extend(fresh);
+    kept.sort_by_key(|r| r.start);
+    m.runs = kept;
 }
 
 fn cluster_size(image: &Chain) -> u64 {
@@ -201,9 +298,18 @@ pub fn check_full(image: &Path, incs: &[Chain]) -> Result<()> {
     let mut seen: Vec<Range<u64>> = Vec::new();
     for inc in incs {
         let blocks = changed_blocks(inc, size, cluster_size(&full), manifest.header.block_size)?;
-        partly.extend(subtract(&blocks.partly, &seen));
-        partly = union(partly);
-        seen.extend(blocks.touched);
+        // Updated by delta: rot in what the commit leaves alone stays detectable without
+        // a check now (the block is not re-read and blessed).
+        if delta::applies(inc, &full) {
+            // Blocks it overwrites whole need no check by later INCs either: the old
+            // data is gone. What it changes in part is not checked (see above), so a
+            // later INC re-reading such a block checks it first.
+            seen.extend(subtract(&blocks.touched, &blocks.partly));
+        } else {
+            partly.extend(subtract(&blocks.partly, &seen));
+            partly = union(partly);
+            seen.extend(blocks.touched);
+        }
         seen = union(seen);
     }
     RunVerifier::new(&full, image.display().to_string())
@@ -254,19 +360,7 @@ fn replace_ranges(image: &Path, m: &mut Manifest, ranges: &[Range<u64>]) -> Resu
     let fresh = compute_runs_in(&chain, &ranges, m.header.block_size)?;
     // A run lies within one block and ranges are whole blocks: each old run is inside a
     // range or outside all of them.
-    let mut kept: Vec<CheckedRun> = Vec::with_capacity(m.runs.len() + fresh.len());
-    let mut r = ranges.iter().peekable();
-    for run in m.runs.drain(..) {
-        while r.peek().is_some_and(|x| x.end <= run.start) {
-            r.next();
-        }
-        if r.peek().is_none_or(|x| x.start > run.start) {
-            kept.push(run);
-        }
-    }
-    kept.extend(fresh);
-    kept.sort_by_key(|r| r.start);
-    m.runs = kept;
+    splice_runs(m, &ranges, fresh);
     m.header.virtual_size = size;
     store(image, m)
 }

@@ -22,6 +22,7 @@
 //! blocks: still read and checked, a run read whole whenever any part of it is needed.
 
 pub mod check;
+pub mod delta;
 pub mod edit;
 pub mod runs;
 mod stream;
