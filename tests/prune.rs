@@ -139,6 +139,16 @@ fn file_of(dir: &Path, t: u64) -> String {
         .unwrap_or_else(|| panic!("no file for point {t} in {:?}", backup_files(dir)))
 }
 
+/// `merge --until point` of the directory into `target`: (exit code, stderr).
+fn merge_point(dir: &Path, point: &str, target: &Path) -> (i32, String) {
+    let t = target.to_str().unwrap();
+    let (code, _, err) = restore(
+        dir,
+        &["merge", "--dir", ".", "--until", point, "--targetfile", t],
+    );
+    (code, err)
+}
+
 /// Every point of `kept` restores to its model; every file left checks clean; verify
 /// passes.
 fn assert_points_restore(dir: &Path, out: &Path, kept: &[&(u64, String, PathBuf)]) {
@@ -158,18 +168,8 @@ fn assert_points_restore(dir: &Path, out: &Path, kept: &[&(u64, String, PathBuf)
         let target = out.join(format!("restored-{t}.qcow2"));
         let _ = std::fs::remove_file(&target);
         let _ = std::fs::remove_file(out.join(format!("restored-{t}.qcow2.manifest")));
-        restore_ok(
-            dir,
-            &[
-                "merge",
-                "--dir",
-                ".",
-                "--until",
-                &name,
-                "--targetfile",
-                target.to_str().unwrap(),
-            ],
-        );
+        let (code, err) = merge_point(dir, &name, &target);
+        assert_eq!(code, 0, "merge --until {name}: {err}");
         same(dir, target.to_str().unwrap(), model.to_str().unwrap());
     }
     restore_ok(dir, &["verify", "--dir", "."]);
@@ -367,18 +367,7 @@ fn prune_killed_anywhere_resumes_to_the_same_result() {
                     else {
                         panic!("point {t} gone after a kill at write {n}");
                     };
-                    let (code, _, err) = restore(
-                        &dir,
-                        &[
-                            "merge",
-                            "--dir",
-                            ".",
-                            "--until",
-                            &name,
-                            "--targetfile",
-                            target.to_str().unwrap(),
-                        ],
-                    );
+                    let (code, err) = merge_point(&dir, &name, &target);
                     if code == 0 {
                         same(&dir, target.to_str().unwrap(), model.to_str().unwrap());
                     } else {

@@ -10,7 +10,7 @@
 //! checksums cannot be true any more.
 
 use crate::fsutil::Dir;
-use crate::store::manifest::delta::{self, DeltaPlan};
+use crate::store::manifest::delta::{self, merge_ranges, DeltaPlan};
 use crate::store::manifest::runs::{allocated_spans, compute_runs_in, CheckedRun};
 use crate::store::manifest::verify::RunVerifier;
 use crate::store::manifest::{load_manifest, open_alone, open_parent, store, Manifest};
@@ -69,10 +69,10 @@ pub fn changed_blocks(
         let at = changed.partition_point(|s| s.start < tail.start);
         changed.insert(at, tail);
     }
-    let touched = merged(changed.iter().map(|s| {
+    let touched = merge_ranges(changed.iter().map(|s| {
         s.start / block * block..s.end.div_ceil(block).saturating_mul(block).min(new_size)
     }));
-    let whole = merged(spans.iter().filter_map(|s| {
+    let whole = merge_ranges(spans.iter().filter_map(|s| {
         let (a, b) = (s.start.div_ceil(block) * block, s.end / block * block);
         (a < b).then_some(a..b)
     }));
@@ -80,22 +80,10 @@ pub fn changed_blocks(
     Ok(ChangedBlocks { touched, partly })
 }
 
-/// Sorted ranges merged where they overlap or touch.
-fn merged(ranges: impl Iterator<Item = Range<u64>>) -> Vec<Range<u64>> {
-    let mut out: Vec<Range<u64>> = Vec::new();
-    for r in ranges {
-        match out.last_mut() {
-            Some(last) if last.end >= r.start => last.end = last.end.max(r.end),
-            _ => out.push(r),
-        }
-    }
-    out
-}
-
 /// Ranges in any order as sorted, disjoint ones.
 fn union(mut ranges: Vec<Range<u64>>) -> Vec<Range<u64>> {
     ranges.sort_by_key(|r| r.start);
-    merged(ranges.into_iter())
+    merge_ranges(ranges.into_iter())
 }
 
 /// `a` without `b` (both sorted and disjoint).
@@ -320,7 +308,7 @@ pub fn check_full(image: &Path, incs: &[Chain]) -> Result<()> {
 /// The blocks (of `block` bytes, the last cut at `size`) holding any of `ranges` (sorted,
 /// disjoint), merged.
 fn whole_blocks(ranges: &[Range<u64>], block: u64, size: u64) -> Vec<Range<u64>> {
-    merged(
+    merge_ranges(
         ranges.iter().map(|s| {
             s.start / block * block..s.end.div_ceil(block).saturating_mul(block).min(size)
         }),
