@@ -154,6 +154,16 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                         eprint!("{}", s.human());
                     }
                     report::info("backup finished");
+                    // The backup's signal handling (cancel and clean up in QEMU) has
+                    // nothing to do here: a prune may be stopped anywhere (its journal lets
+                    // the next run finish it), so a signal ends the process as usual.
+                    if !opts.keep.policy().is_empty() {
+                        // SAFETY: restoring the default disposition of two signals.
+                        unsafe {
+                            libc::signal(libc::SIGINT, libc::SIG_DFL);
+                            libc::signal(libc::SIGTERM, libc::SIG_DFL);
+                        }
+                    }
                     if let Err(e) = backup::prune_after_backup(opts, &s) {
                         if opts.json {
                             println!(

@@ -392,7 +392,9 @@ pub fn fold_under(
         warn_unchecked();
     }
     let by_delta = whole_clusters(&stack, removed.len(), into)?;
-    if checks && !by_delta {
+    if checks && by_delta {
+        edit::check_recorded_allocation(&into.path, &changed)?;
+    } else if checks {
         edit::check_blocks(&into.path, &changed)?;
     }
     let mut img = open_full_for_writing(into, None)?;
@@ -430,9 +432,10 @@ pub fn fold_under(
 /// none, and its manifest is updated from the data written alone.
 fn whole_clusters(stack: &qcow2::Chain, above: usize, into: &BackupFile) -> Result<bool> {
     let target = open_alone(into)?;
-    Ok(stack.layers()[..above]
-        .iter()
-        .all(|l| manifest::delta::applies_layers(l, target.top())))
+    Ok(stack.layers()[..above].iter().all(|l| {
+        manifest::delta::applies_layers(l, target.top())
+            && l.virtual_size() == target.virtual_size()
+    }))
 }
 
 /// What the top `above` layers of `stack` hold (data and zero clusters) outside `keep`

@@ -154,7 +154,15 @@ pub fn prune(
         {
             continue;
         }
-        report.disks.push(plan_disk(name, backups, opts));
+        let pending = backups.dirs.iter().any(|d| report.pending.contains(d));
+        let mut planned = plan_disk(name, backups, opts);
+        if pending {
+            planned.plan = None;
+            planned.note = Some(
+                "an interrupted prune is unfinished here: the plan is shown once it is finished (run without --dry-run, or with --resume)".into(),
+            );
+        }
+        report.disks.push(planned);
     }
     show(&report);
     if opts.dry_run {
@@ -164,7 +172,7 @@ pub fn prune(
         let Some(plan) = d.plan.as_ref().filter(|p| !p.is_noop()) else {
             continue;
         };
-        carry_out(plan, opts, reporting, &ctx).with_context(|| resume_hint(dir))?;
+        carry_out(dir, plan, opts, reporting, &ctx)?;
     }
     meter_total.finish();
     report.removed_folders = remove_emptied_months(dir, &layout)?;
@@ -345,6 +353,13 @@ fn steps_by_dir(plan: &PrunePlan) -> Result<BTreeMap<PathBuf, Vec<Step>>> {
 /// INCs after the oldest removed one (`into` included) into it, against filling `into`
 /// with what the removed INCs hold and it does not.
 fn commit_writes_less(removed: &[BackupFile], into: &BackupFile) -> Result<bool> {
+    // The oldest removed INC is changed in place then: it must be writable (checked now,
+    // as the plan's files were), and must not cost the kept point its manifest.
+    let oldest = &removed[0];
+    let has_manifest = |f: &BackupFile| crate::store::manifest::manifest_path(&f.path).exists();
+    if preflight_writable(&[oldest]).is_err() || (has_manifest(into) && !has_manifest(oldest)) {
+        return Ok(false);
+    }
     let refs: Vec<&BackupFile> = removed.iter().collect();
     let fill = crate::store::fold::fold_under_bytes(into, &refs)?;
     let mut commit = 0;
@@ -357,6 +372,7 @@ fn commit_writes_less(removed: &[BackupFile], into: &BackupFile) -> Result<bool>
 /// Carries out one disk's plan: every directory's journal written first, then each
 /// directory's steps, its journal removed when they are done.
 fn carry_out(
+    top: &Path,
     plan: &PrunePlan,
     opts: &PruneOptions,
     reporting: &Reporting,
@@ -373,15 +389,15 @@ fn carry_out(
     let mut dirs = Vec::new();
     for (path, steps) in &by_dir {
         let d = open_dir(path)?;
-        journal::write(&d, steps)?;
+        journal::write(&d, steps).with_context(|| resume_hint(top))?;
         dirs.push((d, steps));
     }
     for (d, steps) in &dirs {
         for s in steps.iter() {
             describe(d.path(), s);
-            steps::take(d, s, &ctx)?;
+            steps::take(d, s, &ctx).with_context(|| resume_hint(top))?;
         }
-        journal::remove(d)?;
+        journal::remove(d).with_context(|| resume_hint(top))?;
     }
     let (bytes, seconds) = meter.finish();
     reporting.event(serde_json::json!({"event": "summary", "summary": {

@@ -14,7 +14,7 @@
 //! touching runs by combining CRCs.
 
 use crate::store::manifest::runs::{overlapping, CheckedRun};
-use anyhow::{bail, Result};
+use anyhow::Result;
 use qcow2::Chain;
 use std::ops::Range;
 use std::sync::OnceLock;
@@ -54,6 +54,13 @@ pub struct Piece {
     pub crc: u32,
 }
 
+/// A changed stretch of an old run: the CRC of old ⊕ new there, and of the new bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Change {
+    delta: Piece,
+    new_crc: u32,
+}
+
 /// The CRC of a stretch `[start, start+len)` that is zero outside `pieces` (sorted,
 /// disjoint, within it), each with its CRC.
 fn sparse_crc(start: u64, len: u64, pieces: &[Piece]) -> u32 {
@@ -72,6 +79,28 @@ fn sparse_crc(start: u64, len: u64, pieces: &[Piece]) -> u32 {
     crc
 }
 
+/// The CRC of the old run `r` after `changes` (in order, within it). Overwritten whole:
+/// the CRC of the new bytes (whatever the old ones were, rot included). In part: by the
+/// delta from the recorded CRC, so what is left keeps its recorded checksum — rot in the
+/// overwritten part then still shows as a mismatch, a false alarm on data that is right,
+/// never a blessing.
+fn new_run_crc(r: &CheckedRun, changes: &[Change]) -> u32 {
+    let whole = changes.first().is_some_and(|c| c.delta.start == r.start)
+        && changes
+            .windows(2)
+            .all(|w| w[0].delta.start + w[0].delta.len == w[1].delta.start)
+        && changes
+            .last()
+            .is_some_and(|c| c.delta.start + c.delta.len == r.end());
+    if whole {
+        return changes
+            .iter()
+            .fold(0, |crc, c| concat(crc, c.new_crc, c.delta.len));
+    }
+    let pieces: Vec<Piece> = changes.iter().map(|c| c.delta).collect();
+    r.crc ^ sparse_crc(r.start, r.len, &pieces) ^ zeros(r.len)
+}
+
 /// What a commit does to the runs of some blocks of a manifest, worked out before it.
 #[derive(Debug, Default)]
 pub struct DeltaPlan {
@@ -79,7 +108,7 @@ pub struct DeltaPlan {
     pub touched: Vec<Range<u64>>,
     /// For each old run in the touched blocks (by index in the manifest), the pieces
     /// where it changes, each with the CRC of old ⊕ new there.
-    changed_runs: Vec<(usize, Vec<Piece>)>,
+    changed_runs: Vec<(usize, Vec<Change>)>,
     /// New allocation, each piece within one block, with the CRC of its new content.
     new: Vec<Piece>,
 }
@@ -180,13 +209,17 @@ impl DeltaPlan {
                     let stop = r.end().min(end);
                     read(target, pos, stop, old)?;
                     let at = (pos - start) as usize;
-                    for (o, n) in old.iter_mut().zip(&new[at..]) {
+                    let new_part = &new[at..at + (stop - pos) as usize];
+                    for (o, n) in old.iter_mut().zip(new_part) {
                         *o ^= *n;
                     }
-                    let piece = Piece {
-                        start: pos,
-                        len: stop - pos,
-                        crc: crc32fast::hash(old),
+                    let piece = Change {
+                        delta: Piece {
+                            start: pos,
+                            len: stop - pos,
+                            crc: crc32fast::hash(old),
+                        },
+                        new_crc: crc32fast::hash(new_part),
                     };
                     match self.changed_runs.last_mut() {
                         Some((i, v)) if *i == *run_at => v.push(piece),
@@ -221,10 +254,9 @@ impl DeltaPlan {
             for i in overlapping(runs, range.start, range.end) {
                 let r = &runs[i];
                 let crc = match changed.peek() {
-                    Some((ci, pieces)) if *ci == i => {
-                        let d = sparse_crc(r.start, r.len, pieces);
+                    Some((ci, changes)) if *ci == i => {
                         changed.next();
-                        r.crc ^ d ^ zeros(r.len)
+                        new_run_crc(r, changes)
                     }
                     _ => r.crc,
                 };
@@ -248,6 +280,15 @@ impl DeltaPlan {
             }
         }
         out
+    }
+
+    /// Whether the commit changes the old run `i` (`r`) or allocates next to it.
+    pub fn changes_run(&self, i: usize, r: &CheckedRun) -> bool {
+        self.changed_runs.iter().any(|(ci, _)| *ci == i)
+            || self
+                .new
+                .iter()
+                .any(|p| p.start <= r.end() && p.start + p.len >= r.start)
     }
 
     /// Where the image is allocated in the touched blocks after the commit, as planned.
@@ -283,38 +324,62 @@ pub fn allocation(chain: &Chain, blocks: &[Range<u64>]) -> Result<Vec<Range<u64>
     Ok(merge_ranges(all.into_iter()))
 }
 
-/// The manifest's runs must cover exactly what the image allocates in `blocks`.
-fn check_allocation(chain: &Chain, runs: &[CheckedRun], blocks: &[Range<u64>]) -> Result<()> {
+/// Where the manifest's runs and the image's allocation in `blocks` first disagree (None:
+/// they agree). Metadata only.
+pub fn allocation_mismatch(
+    chain: &Chain,
+    runs: &[CheckedRun],
+    blocks: &[Range<u64>],
+) -> Result<Option<u64>> {
     let actual = allocation(chain, blocks)?;
     let recorded = merge_ranges(
         blocks
             .iter()
-            .flat_map(|b| {
-                runs.iter()
-                    .filter(move |r| r.end() > b.start && r.start < b.end)
-                    .map(|r| r.start..r.end())
-            })
+            .flat_map(|b| runs[overlapping(runs, b.start, b.end)].iter())
+            .map(|r| r.start..r.end())
             .collect::<Vec<_>>()
             .into_iter(),
     );
-    if actual != recorded {
-        let at = actual
-            .iter()
-            .zip(&recorded)
-            .find(|(a, b)| a != b)
-            .map(|(a, b)| a.start.min(b.start))
-            .or_else(|| {
-                actual
-                    .get(recorded.len())
-                    .or(recorded.get(actual.len()))
-                    .map(|r| r.start)
-            })
-            .unwrap_or(0);
-        bail!(
-            "the manifest does not record what the file allocates near guest offset {at:#x} (damaged metadata?); nothing was changed"
-        );
+    if actual == recorded {
+        return Ok(None);
     }
-    Ok(())
+    let at = actual
+        .iter()
+        .zip(&recorded)
+        .find(|(a, b)| a != b)
+        .map(|(a, b)| a.start.min(b.start))
+        .or_else(|| {
+            actual
+                .get(recorded.len())
+                .or(recorded.get(actual.len()))
+                .map(|r| r.start)
+        })
+        .unwrap_or(0);
+    Ok(Some(at))
+}
+
+/// The manifest does not record what the file allocates: a delta update cannot be planned
+/// (the caller re-reads the blocks instead, or refuses).
+#[derive(Debug)]
+pub struct AllocationMismatch(pub u64);
+
+impl std::fmt::Display for AllocationMismatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the manifest does not record what the file allocates near guest offset {:#x} (damaged metadata?)",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for AllocationMismatch {}
+
+fn check_allocation(chain: &Chain, runs: &[CheckedRun], blocks: &[Range<u64>]) -> Result<()> {
+    match allocation_mismatch(chain, runs, blocks)? {
+        None => Ok(()),
+        Some(at) => Err(AllocationMismatch(at).into()),
+    }
 }
 
 /// Whether a commit of `inc` into `target` (both opened alone) can update the target's

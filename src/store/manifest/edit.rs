@@ -11,7 +11,7 @@
 
 use crate::fsutil::Dir;
 use crate::store::manifest::delta::{self, merge_ranges, DeltaPlan};
-use crate::store::manifest::runs::{allocated_spans, compute_runs_in, CheckedRun};
+use crate::store::manifest::runs::{allocated_spans, compute_runs_in, overlapping, CheckedRun};
 use crate::store::manifest::verify::RunVerifier;
 use crate::store::manifest::{load_manifest, open_alone, open_parent, store, Manifest};
 use anyhow::{Context, Result};
@@ -139,11 +139,12 @@ impl FullEdit {
                 &target,
                 &self.manifest.runs,
                 self.manifest.header.block_size,
-            )
-            .with_context(|| format!("{}", self.image.display()))?;
-            let touched = plan.touched.clone();
-            self.delta = Some(plan);
-            return self.begin_blocks(touched);
+            );
+            if let Some(plan) = self.fallback_on_mismatch(plan)? {
+                let touched = plan.touched.clone();
+                self.delta = Some(plan);
+                return self.begin_blocks(touched);
+            }
         }
         let touched = changed_blocks(
             inc,
@@ -170,11 +171,36 @@ impl FullEdit {
             self.manifest.header.block_size,
             spans,
             read_new,
-        )
-        .with_context(|| format!("{}", self.image.display()))?;
-        let touched = plan.touched.clone();
-        self.delta = Some(plan);
-        self.begin_blocks(touched)
+        );
+        match self.fallback_on_mismatch(plan)? {
+            Some(plan) => {
+                let touched = plan.touched.clone();
+                self.delta = Some(plan);
+                self.begin_blocks(touched)
+            }
+            None => {
+                let size = target.virtual_size();
+                let changed: Vec<Range<u64>> = spans.iter().map(|&(a, b, _)| a..b).collect();
+                self.begin_ranges(&changed, size)
+            }
+        }
+    }
+
+    /// A plan that failed because the manifest does not record the file's allocation
+    /// (checked before the first change when checksums are on, so only with
+    /// `--ignore-checksums`): None, with a warning, and the blocks are re-read after.
+    fn fallback_on_mismatch(&self, plan: Result<DeltaPlan>) -> Result<Option<DeltaPlan>> {
+        match plan {
+            Ok(p) => Ok(Some(p)),
+            Err(e) if e.downcast_ref::<delta::AllocationMismatch>().is_some() => {
+                crate::report::warn(format!(
+                    "{}: {e}; the checksums of the blocks changed are recomputed from the file",
+                    self.image.display()
+                ));
+                Ok(None)
+            }
+            Err(e) => Err(e.context(format!("{}", self.image.display()))),
+        }
     }
 
     /// Before a change of the guest ranges `changed` (sorted, disjoint) of an image of
@@ -237,11 +263,22 @@ impl FullEdit {
                 );
             } else {
                 crate::report::debug(format!(
-                    "{}: block {:#x} allocated otherwise than planned; its checksums are re-read",
+                    "{}: blocks {:#x}..{:#x} allocated otherwise than planned; their checksums are re-read",
                     self.image.display(),
-                    b.start
+                    b.start,
+                    b.end
                 ));
-                fresh.extend(compute_runs_in(&chain, std::slice::from_ref(b), block)?);
+                // Runs the commit did not change keep their recorded checksums: rot in
+                // them stays detectable even here.
+                let old = &self.manifest.runs;
+                for mut f in compute_runs_in(&chain, std::slice::from_ref(b), block)? {
+                    let same = overlapping(old, f.start, f.end())
+                        .find(|&i| old[i].start == f.start && old[i].len == f.len);
+                    if let Some(i) = same.filter(|&i| !plan.changes_run(i, &old[i])) {
+                        f.crc = old[i].crc;
+                    }
+                    fresh.push(f);
+                }
             }
         }
         splice_runs(&mut self.manifest, &plan.touched, fresh);
@@ -289,6 +326,12 @@ pub fn check_full(image: &Path, incs: &[Chain]) -> Result<()> {
         // Updated by delta: rot in what the commit leaves alone stays detectable without
         // a check now (the block is not re-read and blessed).
         if delta::applies(inc, &full) {
+            // The delta update needs the manifest to record the allocation it changes:
+            // checked for every INC before the first commit (metadata only).
+            if let Some(at) = delta::allocation_mismatch(&full, &manifest.runs, &blocks.touched)? {
+                return Err(anyhow::Error::new(delta::AllocationMismatch(at))
+                    .context(format!("{}: nothing was changed", image.display())));
+            }
             // Blocks it overwrites whole need no check by later INCs either: the old
             // data is gone. What it changes in part is not checked (see above), so a
             // later INC re-reading such a block checks it first.
@@ -313,6 +356,22 @@ fn whole_blocks(ranges: &[Range<u64>], block: u64, size: u64) -> Vec<Range<u64>>
             s.start / block * block..s.end.div_ceil(block).saturating_mul(block).min(size)
         }),
     )
+}
+
+/// Before the guest ranges `changed` (sorted, disjoint) of `image` are written and its
+/// manifest updated by delta: the manifest must record the file's allocation in their
+/// blocks (metadata only).
+pub fn check_recorded_allocation(image: &Path, changed: &[Range<u64>]) -> Result<()> {
+    let Some(manifest) = load_manifest(image)? else {
+        return Ok(());
+    };
+    let chain = open_alone(image)?;
+    let blocks = whole_blocks(changed, manifest.header.block_size, chain.virtual_size());
+    if let Some(at) = delta::allocation_mismatch(&chain, &manifest.runs, &blocks)? {
+        return Err(anyhow::Error::new(delta::AllocationMismatch(at))
+            .context(format!("{}: nothing was changed", image.display())));
+    }
+    Ok(())
 }
 
 /// Before the guest ranges `changed` (sorted, disjoint) of `image` are written: every

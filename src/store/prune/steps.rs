@@ -20,6 +20,7 @@ use crate::store::fold::{
     check_before_commit, commit_inc, commit_inc_over, fold_under, open_full_for_writing,
     open_stack, recover_manifest,
 };
+use crate::store::manifest::check::ManifestCheck;
 use crate::store::manifest::edit::{pending_name, FullEdit};
 use crate::store::manifest::{load_manifest, manifest_name, store, Origin};
 use anyhow::{anyhow, bail, Context, Result};
@@ -117,7 +118,7 @@ fn fold_into_full(
         crash_point();
         relabel_manifest(dir, &full_f, renamed_to)?;
         crash_point();
-        dir.rename(full, renamed_to).with_context(|| {
+        dir.rename_noreplace(full, renamed_to).with_context(|| {
             format!(
                 "{}: cannot rename to {renamed_to}",
                 dir.join(full).display()
@@ -233,7 +234,13 @@ fn commit_into_removed(
             .collect::<Result<_>>()?;
         let refs: Vec<&BackupFile> = above.iter().collect();
         let below = files_below(dir, into, oldest)?;
-        let backing = open_stack(below.iter().rev())?;
+        let mut backing = open_stack(below.iter().rev())?;
+        // What partial clusters are completed with is read from the older files: checked
+        // against their manifests as it is read, as every other read of a fold.
+        if ctx.checks {
+            let (check, _) = ManifestCheck::for_chain(&backing)?;
+            backing.set_read_check(Arc::new(check));
+        }
         check_before_commit(&base, &refs, ctx.checks)?;
         let mut img = open_full_for_writing(&base, None)?;
         let mut edit = FullEdit::open(&base.path)?;
@@ -270,6 +277,9 @@ fn commit_into_removed(
         let m = load_manifest(&old)?;
         if let Some(mut m) = m {
             m.header.file = into.to_string();
+            if let Some(o) = m.header.origin.as_mut() {
+                o.time = backup(dir, into)?.timestamp;
+            }
             crash_point();
             store(&dir.join(into), &m)?;
         }
