@@ -202,7 +202,7 @@ enum Command {
     /// The plan is printed first (--dry-run: only the plan). A FULL's point removed: the
     /// INCs up to the next kept point are committed into the FULL, which takes that
     /// point's name. Points between kept ones: folded into the next kept INC. Chains with
-    /// no kept point: removed. Manifests are kept true block by block.
+    /// no kept point: removed. Manifests are updated from the changed data alone.
     ///
     /// Interrupted (killed, disk full): every kept point still restores right; the
     /// directories being changed hold a journal (.prune-journal), other commands refuse
