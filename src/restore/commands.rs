@@ -8,19 +8,15 @@ use crate::store::chain::BackupChain;
 use crate::store::disk_dir::DiskDir;
 use crate::store::file::BackupFile;
 use crate::store::fold::{
-    check_before_commit, commit_inc, interrupted_hint, open_alone, open_full_for_writing,
+    self, check_before_commit, commit_inc, interrupted_hint, open_alone, open_full_for_writing,
     preflight, preflight_files, preflight_writable, refuse_in_use, tolerable_stale_flags,
-    warn_no_manifest, warn_unchecked,
 };
 use crate::store::level::BackupLevel;
 use crate::store::lock::{self, DirLock, LockMode};
 use crate::store::manifest;
-use crate::store::manifest::check::ManifestCheck;
 use crate::store::manifest::edit::{self, FullEdit};
 use crate::store::manifest::verify::verify_manifest;
 use anyhow::{bail, Context, Result};
-use qcow2::chain::Layer;
-use qcow2::ops::map::data_bytes;
 use qcow2::ops::rebase::{rebase as qcow2_rebase, RebaseOptions};
 use qcow2::{check, Format, Qcow2};
 use serde::Serialize;
@@ -139,10 +135,7 @@ fn commit_meter(
     incs: &[&BackupFile],
     reporting: &Reporting,
 ) -> Result<Arc<Meter>> {
-    let mut total = 0;
-    for inc in incs {
-        total += data_bytes(&open_alone(inc)?)?;
-    }
+    let total = fold::data_bytes_of(incs.iter().copied())?;
     Ok(Arc::new(reporting.meter(&full.name, total)))
 }
 
@@ -156,15 +149,8 @@ fn finish_commit(full: &BackupFile, meter: &Meter, reporting: &Reporting) {
 /// The chain's files as one disk, newest on top, every read checked against the files'
 /// manifests (unless `--ignore-checksums`): what merge and serve read.
 pub fn open_stack(chain: &BackupChain, checks: &CheckOptions) -> Result<qcow2::Chain> {
-    let mut layers = Vec::new();
-    for f in chain.files().into_iter().rev() {
-        let q = Qcow2::open(&f.path).context("cannot open backup file")?;
-        layers.push(Layer::Qcow2(Box::new(q)));
-    }
-    let mut stack = qcow2::Chain::from_layers(layers)?;
-    if let Some(check) = read_check(&stack, !checks.ignore_checksums)? {
-        stack.set_read_check(check);
-    }
+    let mut stack = fold::open_stack(chain.files().into_iter().rev())?;
+    fold::check_reads(&mut stack, !checks.ignore_checksums)?;
     Ok(stack)
 }
 
@@ -175,20 +161,6 @@ pub fn full_cluster_size(stack: &qcow2::Chain) -> u64 {
         .last()
         .and_then(|l| l.as_qcow2())
         .map_or(65536, |q| q.cluster_size())
-}
-
-/// The read check of a restore that reads `chain`: every block read from a backup file is
-/// checked against the file's manifest (None with `--ignore-checksums`).
-fn read_check(chain: &qcow2::Chain, checks: bool) -> Result<Option<Arc<ManifestCheck>>> {
-    if !checks {
-        warn_unchecked();
-        return Ok(None);
-    }
-    let (check, unchecked) = ManifestCheck::for_chain(chain)?;
-    for path in unchecked {
-        warn_no_manifest(&path);
-    }
-    Ok(Some(Arc::new(check)))
 }
 
 pub const FULL_SNAPSHOT: &str = "FULL-BACKUP";

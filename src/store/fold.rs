@@ -1,7 +1,7 @@
 //! Changing backup files in place, safely: the checks every command that changes (or
 //! reads) a chain makes before its first write, and the commit of an INC into the file
-//! below it with its manifest kept true block by block. Shared by the restore commands and
-//! prune (which `qmpbackup` runs too).
+//! below it with its manifest kept true (by CRC deltas, see `manifest::delta`). Shared by
+//! the restore commands and prune (which `qmpbackup` runs too).
 
 use crate::progress::Meter;
 use crate::report;
@@ -295,8 +295,8 @@ pub fn check_before_commit(full: &BackupFile, incs: &[&BackupFile], checks: bool
 }
 
 /// Commits one INC into the FULL, keeping the FULL's manifest (`edit`, when it has one)
-/// true block by block; a FULL grown by the commit reads zeros past its old size, as the
-/// linked chain does.
+/// true (only what changes is read); a FULL grown by the commit reads zeros past its old
+/// size, as the linked chain does.
 pub fn commit_inc(
     full: &mut Qcow2,
     edit: Option<&mut FullEdit>,
@@ -362,9 +362,9 @@ pub fn interrupted_hint(full: &BackupFile, inc: &BackupFile, cmd: &str) -> Strin
 /// zero clusters as zero clusters), so that on `below` (the chain's files under them,
 /// FULL first) it alone reads as the whole stack did. `into`'s own clusters are never
 /// written, so at any instant it reads the same as before on the stack (a crash may leak
-/// clusters, never change what it reads); its manifest is kept true block by block. The
-/// caller removes the folded files afterwards. Running it again after an interruption
-/// writes only what is still missing.
+/// clusters, never change what it reads); its manifest is kept true from what is
+/// written. The caller removes the folded files afterwards. Running it again after an
+/// interruption writes only what is still missing.
 pub fn fold_under(
     into: &BackupFile,
     removed: &[&BackupFile],
@@ -382,15 +382,7 @@ pub fn fold_under(
     }
     // Every block read from the stack is checked against its file's manifest as it is
     // read, by the commit and by the manifest's update alike.
-    if checks {
-        let (check, unchecked) = ManifestCheck::for_chain(&stack)?;
-        for path in unchecked {
-            warn_no_manifest(&path);
-        }
-        stack.set_read_check(Arc::new(check));
-    } else {
-        warn_unchecked();
-    }
+    check_reads(&mut stack, checks)?;
     let by_delta = whole_clusters(&stack, removed.len(), into)?;
     if checks && by_delta {
         edit::check_recorded_allocation(&into.path, &changed)?;
@@ -469,6 +461,31 @@ pub fn open_stack<'a>(files: impl Iterator<Item = &'a BackupFile>) -> Result<qco
         layers.push(qcow2::chain::Layer::Qcow2(Box::new(q)));
     }
     Ok(qcow2::Chain::from_layers(layers)?)
+}
+
+/// Makes every block read from a stack of backup files checked against the file's
+/// manifest (`checks`; else says loudly that nothing is checked). Files without one are
+/// named in a warning.
+pub fn check_reads(stack: &mut qcow2::Chain, checks: bool) -> Result<()> {
+    if !checks {
+        warn_unchecked();
+        return Ok(());
+    }
+    let (check, unchecked) = ManifestCheck::for_chain(stack)?;
+    for path in unchecked {
+        warn_no_manifest(&path);
+    }
+    stack.set_read_check(Arc::new(check));
+    Ok(())
+}
+
+/// The guest data bytes the files hold themselves: what committing or folding them moves.
+pub fn data_bytes_of<'a>(files: impl IntoIterator<Item = &'a BackupFile>) -> Result<u64> {
+    let mut total = 0;
+    for f in files {
+        total += qcow2::ops::map::data_bytes(&open_alone(f)?)?;
+    }
+    Ok(total)
 }
 
 /// What a backup file holds itself (data and zero clusters), merged.

@@ -12,7 +12,7 @@ use crate::progress::Reporting;
 use crate::report;
 use crate::store::chain::BackupChain;
 use crate::store::file::BackupFile;
-use crate::store::fold::{preflight, preflight_writable, CheckOptions};
+use crate::store::fold::{data_bytes_of, preflight, preflight_writable, CheckOptions};
 use crate::store::lock::{lock_dir, DirLock, LockMode};
 use crate::store::name::{
     APPEND_LOCK_FILE, CONFIG_SUFFIX, CURRENT_LINK, LOCK_FILE, MANIFEST_SUFFIX, UUID_FILE,
@@ -22,7 +22,6 @@ use crate::store::retention::{KeepPolicy, Zone};
 use crate::store::vm::{find_disks_lenient, is_month_folder, layout_dirs, DiskBackups};
 use anyhow::{bail, Context, Result};
 use journal::Step;
-use qcow2::ops::map::data_bytes;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -362,10 +361,7 @@ fn commit_writes_less(removed: &[BackupFile], into: &BackupFile) -> Result<bool>
     }
     let refs: Vec<&BackupFile> = removed.iter().collect();
     let fill = crate::store::fold::fold_under_bytes(into, &refs)?;
-    let mut commit = 0;
-    for f in removed[1..].iter().chain(std::iter::once(into)) {
-        commit += data_bytes(&crate::store::fold::open_alone(f)?)?;
-    }
+    let commit = data_bytes_of(removed[1..].iter().chain(std::iter::once(into)))?;
     Ok(commit < fill)
 }
 
@@ -438,14 +434,11 @@ fn describe(dir: &Path, s: &Step) {
 fn fold_bytes(plan: &PrunePlan) -> Result<u64> {
     let mut total = 0;
     for a in &plan.actions {
-        let files: Vec<&BackupFile> = match a {
-            Action::FoldIntoFull { incs, .. } => incs.iter().collect(),
-            Action::FoldIntoNext { removed, .. } => removed.iter().collect(),
-            Action::Remove { .. } => continue,
+        total += match a {
+            Action::FoldIntoFull { incs, .. } => data_bytes_of(incs)?,
+            Action::FoldIntoNext { removed, .. } => data_bytes_of(removed)?,
+            Action::Remove { .. } => 0,
         };
-        for f in files {
-            total += data_bytes(&crate::store::fold::open_alone(f)?)?;
-        }
     }
     Ok(total)
 }

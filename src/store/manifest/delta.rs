@@ -156,15 +156,11 @@ impl DeltaPlan {
         spans: &[(u64, u64, bool)],
         mut read_new: impl FnMut(u64, &mut [u8]) -> Result<()>,
     ) -> Result<DeltaPlan> {
-        let size = target.virtual_size();
-        let mut plan = DeltaPlan::default();
-        for &(s, e, _) in spans {
-            let b = s / block * block..e.div_ceil(block).saturating_mul(block).min(size);
-            match plan.touched.last_mut() {
-                Some(l) if l.end >= b.start => l.end = l.end.max(b.end),
-                _ => plan.touched.push(b),
-            }
-        }
+        let changed: Vec<Range<u64>> = spans.iter().map(|&(s, e, _)| s..e).collect();
+        let mut plan = DeltaPlan {
+            touched: whole_blocks(&changed, block, target.virtual_size()),
+            ..Default::default()
+        };
         check_allocation(target, runs, &plan.touched)?;
         let (mut old, mut new) = (Vec::new(), Vec::new());
         let mut run_at = 0usize;
@@ -290,15 +286,16 @@ impl DeltaPlan {
                 .iter()
                 .any(|p| p.start <= r.end() && p.start + p.len >= r.start)
     }
+}
 
-    /// Where the image is allocated in the touched blocks after the commit, as planned.
-    pub fn allocation_after(&self, runs: &[CheckedRun], block: u64) -> Vec<Range<u64>> {
-        merge_ranges(
-            self.runs_after(runs, block)
-                .iter()
-                .map(|r| r.start..r.end()),
-        )
-    }
+/// The blocks (of `block` bytes, the last cut at `size`) holding any of `ranges` (sorted,
+/// disjoint), merged.
+pub fn whole_blocks(ranges: &[Range<u64>], block: u64, size: u64) -> Vec<Range<u64>> {
+    merge_ranges(
+        ranges.iter().map(|s| {
+            s.start / block * block..s.end.div_ceil(block).saturating_mul(block).min(size)
+        }),
+    )
 }
 
 /// Sorted ranges merged where they touch.

@@ -10,7 +10,7 @@
 //! checksums cannot be true any more.
 
 use crate::fsutil::Dir;
-use crate::store::manifest::delta::{self, merge_ranges, DeltaPlan};
+use crate::store::manifest::delta::{self, merge_ranges, whole_blocks, DeltaPlan};
 use crate::store::manifest::runs::{allocated_spans, compute_runs_in, overlapping, CheckedRun};
 use crate::store::manifest::verify::RunVerifier;
 use crate::store::manifest::{load_manifest, open_alone, open_parent, store, Manifest};
@@ -69,9 +69,7 @@ pub fn changed_blocks(
         let at = changed.partition_point(|s| s.start < tail.start);
         changed.insert(at, tail);
     }
-    let touched = merge_ranges(changed.iter().map(|s| {
-        s.start / block * block..s.end.div_ceil(block).saturating_mul(block).min(new_size)
-    }));
+    let touched = whole_blocks(&changed, block, new_size);
     let whole = merge_ranges(spans.iter().filter_map(|s| {
         let (a, b) = (s.start.div_ceil(block) * block, s.end / block * block);
         (a < b).then_some(a..b)
@@ -346,16 +344,6 @@ pub fn check_full(image: &Path, incs: &[Chain]) -> Result<()> {
     RunVerifier::new(&full, image.display().to_string())
         .ranges(&manifest.runs, &clipped(&partly, size))
         .context("found in a part of the full backup a commit would change; nothing was changed")
-}
-
-/// The blocks (of `block` bytes, the last cut at `size`) holding any of `ranges` (sorted,
-/// disjoint), merged.
-fn whole_blocks(ranges: &[Range<u64>], block: u64, size: u64) -> Vec<Range<u64>> {
-    merge_ranges(
-        ranges.iter().map(|s| {
-            s.start / block * block..s.end.div_ceil(block).saturating_mul(block).min(size)
-        }),
-    )
 }
 
 /// Before the guest ranges `changed` (sorted, disjoint) of `image` are written and its

@@ -17,10 +17,9 @@ use crate::progress::Meter;
 use crate::store::disk_dir::DiskDir;
 use crate::store::file::BackupFile;
 use crate::store::fold::{
-    check_before_commit, commit_inc, commit_inc_over, fold_under, open_full_for_writing,
-    open_stack, recover_manifest,
+    check_before_commit, check_reads, commit_inc, commit_inc_over, fold_under,
+    open_full_for_writing, open_stack, recover_manifest,
 };
-use crate::store::manifest::check::ManifestCheck;
 use crate::store::manifest::edit::{pending_name, FullEdit};
 use crate::store::manifest::{load_manifest, manifest_name, store, Origin};
 use anyhow::{anyhow, bail, Context, Result};
@@ -73,12 +72,17 @@ fn exists(dir: &Dir, name: &str) -> Result<bool> {
         .with_context(|| format!("{}: cannot read", dir.join(name).display()))
 }
 
+/// Removes the file `name` (a missing one is not an error): a crash point.
+fn remove(dir: &Dir, name: &str) -> Result<()> {
+    crash_point();
+    dir.remove(name)
+        .with_context(|| format!("{}: cannot remove", dir.join(name).display()))
+}
+
 /// Removes a backup file, then its manifest and what an interrupted commit into it left.
 fn remove_backup(dir: &Dir, name: &str) -> Result<()> {
     for n in [name.to_string(), manifest_name(name), pending_name(name)] {
-        crash_point();
-        dir.remove(&n)
-            .with_context(|| format!("{}: cannot remove", dir.join(&n).display()))?;
+        remove(dir, &n)?;
     }
     Ok(())
 }
@@ -131,13 +135,7 @@ fn fold_into_full(
             dir.path().display()
         );
     }
-    crash_point();
-    dir.remove(&manifest_name(full)).with_context(|| {
-        format!(
-            "{}: cannot remove",
-            dir.join(&manifest_name(full)).display()
-        )
-    })?;
+    remove(dir, &manifest_name(full))?;
     for i in incs {
         remove_backup(dir, i)?;
     }
@@ -145,8 +143,8 @@ fn fold_into_full(
     Ok(())
 }
 
-/// Writes the manifest of `full` under the name `renamed_to` (before the image is
-/// renamed: the renamed image is never without one).
+/// Writes the manifest of `full` (read beside its name, whether the image is still there or
+/// renamed already) under the name `renamed_to`, with that point's time.
 fn relabel_manifest(dir: &Dir, full: &BackupFile, renamed_to: &str) -> Result<()> {
     let Some(mut m) = load_manifest(&full.path)? else {
         return Ok(());
@@ -236,10 +234,10 @@ fn commit_into_removed(
         let below = files_below(dir, into, oldest)?;
         let mut backing = open_stack(below.iter().rev())?;
         // What partial clusters are completed with is read from the older files: checked
-        // against their manifests as it is read, as every other read of a fold.
+        // against their manifests as it is read, as every other read of a fold (the
+        // warning for --ignore-checksums was given by check_before_commit).
         if ctx.checks {
-            let (check, _) = ManifestCheck::for_chain(&backing)?;
-            backing.set_read_check(Arc::new(check));
+            check_reads(&mut backing, true)?;
         }
         check_before_commit(&base, &refs, ctx.checks)?;
         let mut img = open_full_for_writing(&base, None)?;
@@ -258,13 +256,7 @@ fn commit_into_removed(
         drop(img);
         if !exists(dir, &manifest_name(oldest))? {
             // The result has no manifest: the kept INC's must not describe it.
-            crash_point();
-            dir.remove(&manifest_name(into)).with_context(|| {
-                format!(
-                    "{}: cannot remove",
-                    dir.join(&manifest_name(into)).display()
-                )
-            })?;
+            remove(dir, &manifest_name(into))?;
         }
         crash_point();
         dir.rename(oldest, into)
@@ -273,23 +265,9 @@ fn commit_into_removed(
     }
     // Renamed: the manifest follows (an interrupted run left it under the old name).
     if exists(dir, &manifest_name(oldest))? {
-        let old = dir.join(oldest);
-        let m = load_manifest(&old)?;
-        if let Some(mut m) = m {
-            m.header.file = into.to_string();
-            if let Some(o) = m.header.origin.as_mut() {
-                o.time = backup(dir, into)?.timestamp;
-            }
-            crash_point();
-            store(&dir.join(into), &m)?;
-        }
         crash_point();
-        dir.remove(&manifest_name(oldest)).with_context(|| {
-            format!(
-                "{}: cannot remove",
-                dir.join(&manifest_name(oldest)).display()
-            )
-        })?;
+        relabel_manifest(dir, &backup(dir, oldest)?, into)?;
+        remove(dir, &manifest_name(oldest))?;
     }
     for r in removed[1..].iter().rev() {
         remove_backup(dir, r)?;
