@@ -28,22 +28,9 @@ W=$(mktemp -d "$base/qmpbench.XXXXXX")
 trap 'rm -rf "$W"' EXIT
 D=$W/dir; mkdir -p "$D"
 echo "building the chain in $W ..." >&2
-qemu-img create -q -f qcow2 "$D/FULL-1000-disk.qcow2" "${SIZE_MIB}M"
-step=512; off=0; cmds=()
-while [ $off -lt $DATA_MIB ]; do cmds+=(-c "write -P 0x11 ${off}M ${step}M"); off=$((off+step)); done
-qemu-io -f qcow2 "${cmds[@]}" "$D/FULL-1000-disk.qcow2" >/dev/null
-for i in 1 2 3; do
-  f="$D/INC-$((1000+i))-disk.qcow2"
-  qemu-img create -q -f qcow2 "$f" "${SIZE_MIB}M"
-  python3 - "$i" "$SIZE_MIB" "$INC_MIB" > "$W/cmds$i" <<'PY'
-import random, sys
-i, size, inc = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-r = random.Random(i); n = inc * 16; clusters = size * 16
-for c in r.sample(range(clusters), n):
-    print(f"write -P {0x20 + i} {c * 65536} 65536")
-PY
-  qemu-io -f qcow2 "$f" < "$W/cmds$i" >/dev/null
-done
+. benches/chain.sh
+bench_full "$D/FULL-1000-disk.qcow2"
+for i in 1 2 3; do bench_inc "$D/INC-$((1000+i))-disk.qcow2" "$i"; done
 # The equivalent backing chain for qemu-img convert.
 mkdir -p "$W/chain"; cp "$D"/*.qcow2 "$W/chain/"
 prev=FULL-1000-disk.qcow2
