@@ -24,6 +24,7 @@
 pub mod check;
 pub mod delta;
 pub mod edit;
+pub mod parallel;
 pub mod runs;
 mod stream;
 pub mod verify;

@@ -1,6 +1,7 @@
 //! Checksummed runs: what a manifest records, how runs are computed from an image (or from
 //! data as it is written), and how a recorded list is searched.
 
+use crate::store::manifest::parallel::{in_parts, readers};
 use anyhow::Result;
 use qcow2::{Chain, Format};
 use serde::{Deserialize, Serialize};
@@ -178,29 +179,46 @@ pub fn allocated_spans(chain: &Chain, start: u64, end: u64) -> Result<Vec<Range<
 }
 
 /// The runs of an image opened alone within `ranges` (sorted, disjoint, block-aligned but
-/// for the disk's end), cut at multiples of `block`.
+/// for the disk's end), cut at multiples of `block`; re-read on all readers.
 pub fn compute_runs_in(
     chain: &Chain,
     ranges: &[Range<u64>],
     block: u64,
 ) -> Result<Vec<CheckedRun>> {
-    let mut runs = Vec::new();
-    let mut buf = vec![0u8; 4 << 20];
+    let mut pieces: Vec<Range<u64>> = Vec::new();
     for range in ranges {
         for span in allocated_spans(chain, range.start, range.end)? {
             let mut pos = span.start;
             while pos < span.end {
                 let run_end = ((pos / block) + 1).saturating_mul(block).min(span.end);
-                let mut h = crc32fast::Hasher::new();
-                hash_layer(chain, 0, pos, run_end, &mut buf, &mut h)?;
-                runs.push(CheckedRun {
-                    start: pos,
-                    len: run_end - pos,
-                    crc: h.finalize(),
-                });
+                pieces.push(pos..run_end);
                 pos = run_end;
             }
         }
+    }
+    let mut buffers: Vec<Vec<u8>> = (0..readers()).map(|_| Vec::new()).collect();
+    let parts = in_parts(
+        &mut buffers,
+        &pieces,
+        |p| p.end - p.start,
+        |buf, part| {
+            buf.resize(4 << 20, 0);
+            part.iter()
+                .map(|p| {
+                    let mut h = crc32fast::Hasher::new();
+                    hash_layer(chain, 0, p.start, p.end, buf, &mut h)?;
+                    Ok(CheckedRun {
+                        start: p.start,
+                        len: p.end - p.start,
+                        crc: h.finalize(),
+                    })
+                })
+                .collect::<Result<Vec<_>>>()
+        },
+    );
+    let mut runs = Vec::with_capacity(pieces.len());
+    for part in parts {
+        runs.extend(part?);
     }
     Ok(runs)
 }

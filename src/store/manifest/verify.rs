@@ -1,6 +1,7 @@
 //! Re-reading an image and comparing it with its manifest: the whole image (`verify`), or
 //! some blocks of it (before a commit changes them).
 
+use crate::store::manifest::parallel::{in_parts, readers};
 use crate::store::manifest::runs::{hash_layer, overlapping, CheckedRun, Disagreement};
 use crate::store::manifest::{damaged, manifest_path, open_alone, read_streaming, ManifestHeader};
 use anyhow::{bail, Result};
@@ -83,17 +84,55 @@ impl<'a> RunVerifier<'a> {
     }
 }
 
-/// Re-reads the image and compares with its manifest, one recorded run at a time (bounded
-/// memory whatever the manifest's size): every recorded range must be allocated and match
-/// its checksum, and nothing between them allocated. Ok(None) when there is no manifest;
-/// Err describes the first difference (file and guest offset).
+/// Runs are checked in batches of about this many bytes, each batch split between the
+/// readers: large enough that a thread's start is nothing beside its reading, small enough
+/// that a problem early in a large image is found early.
+const BATCH_BYTES: u64 = 128 << 20;
+/// ... or of this many runs, so a manifest of tiny runs stays in bounded memory.
+const BATCH_RUNS: usize = 1 << 16;
+
+/// One recorded run and where the unrecorded stretch before it starts.
+#[derive(Clone, Copy)]
+struct Step {
+    gap_from: u64,
+    run: CheckedRun,
+}
+
+/// Checks a batch of steps (in order) on all readers; the first problem by guest offset is
+/// returned, whatever thread found it.
+fn check_batch(verifiers: &mut [RunVerifier<'_>], steps: &[Step]) -> Result<()> {
+    in_parts(
+        verifiers,
+        steps,
+        |s| s.run.len,
+        |v, part| {
+            part.iter().try_for_each(|s| {
+                v.gap(s.gap_from, s.run.start)?;
+                v.run(&s.run)
+            })
+        },
+    )
+    .into_iter()
+    .collect()
+}
+
+/// Re-reads the image and compares with its manifest, a batch of recorded runs at a time
+/// (bounded memory whatever the manifest's size), each batch on all cores: every recorded
+/// range must be allocated and match its checksum, and nothing between them allocated.
+/// Ok(None) when there is no manifest; Err describes the first difference (file and guest
+/// offset).
 pub fn verify_manifest(image: &Path) -> Result<Option<ManifestHeader>> {
     if manifest_path(image).symlink_metadata().is_err() {
         return Ok(None);
     }
     let chain = open_alone(image)?;
     let size = chain.virtual_size();
-    let mut v = RunVerifier::new(&chain, image.display().to_string());
+    let name = image.display().to_string();
+    let mut verifiers: Vec<RunVerifier> = (0..readers())
+        .map(|_| RunVerifier::new(&chain, name.clone()))
+        .collect();
+    let mut batch: Vec<Step> = Vec::new();
+    let mut batch_bytes = 0u64;
     let mut pos = 0u64;
     let header = read_streaming(image, |r| {
         if r.end() > size {
@@ -105,11 +144,20 @@ pub fn verify_manifest(image: &Path) -> Result<Option<ManifestHeader>> {
                 ),
             ));
         }
-        v.gap(pos, r.start)?;
-        v.run(&r)?;
+        batch.push(Step {
+            gap_from: pos,
+            run: r,
+        });
+        batch_bytes += r.len;
         pos = r.end();
+        if batch_bytes >= BATCH_BYTES || batch.len() >= BATCH_RUNS {
+            check_batch(&mut verifiers, &batch)?;
+            batch.clear();
+            batch_bytes = 0;
+        }
         Ok(())
     })?;
+    check_batch(&mut verifiers, &batch)?;
     let Some(header) = header else {
         return Ok(None);
     };
@@ -120,7 +168,7 @@ pub fn verify_manifest(image: &Path) -> Result<Option<ManifestHeader>> {
             header.virtual_size
         );
     }
-    v.gap(pos, size)?;
+    verifiers[0].gap(pos, size)?;
     Ok(Some(header))
 }
 
@@ -207,6 +255,39 @@ mod tests {
         std::fs::write(&image, data).unwrap();
         let e = verify_manifest(&image).unwrap_err().to_string();
         assert!(e.contains("checksum mismatch"), "{e}");
+    }
+
+    #[test]
+    fn the_first_problem_by_offset_is_reported_whichever_reader_finds_it() {
+        // 40 MiB: one batch, split between the readers (on a machine with more than one
+        // core); rot in both halves, the later one found first by its reader or not.
+        let tmp = tempfile::tempdir().unwrap();
+        let image = raw_image(tmp.path(), 40 << 20);
+        let written = write_manifest(&image, None).unwrap();
+        let mut data = std::fs::read(&image).unwrap();
+        // Computed on several readers, the runs are those of one pass in order.
+        let expected: Vec<(u64, u64, u32)> = data
+            .chunks(1 << 20)
+            .enumerate()
+            .map(|(i, c)| ((i as u64) << 20, 1 << 20, crc32fast::hash(c)))
+            .collect();
+        let got: Vec<(u64, u64, u32)> = written
+            .runs
+            .iter()
+            .map(|r| (r.start, r.len, r.crc))
+            .collect();
+        assert_eq!(got, expected);
+        verify_manifest(&image).unwrap().unwrap();
+        data[(35 << 20) + 7] ^= 1;
+        std::fs::write(&image, &data).unwrap();
+        let e = verify_manifest(&image).unwrap_err().to_string();
+        assert!(e.contains("guest range 0x2300000..0x2400000"), "{e}");
+        data[(5 << 20) + 9] ^= 1;
+        std::fs::write(&image, &data).unwrap();
+        for _ in 0..5 {
+            let e = verify_manifest(&image).unwrap_err().to_string();
+            assert!(e.contains("guest range 0x500000..0x600000"), "{e}");
+        }
     }
 
     #[test]
