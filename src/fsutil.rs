@@ -331,6 +331,23 @@ impl Dir {
     }
 }
 
+/// The directory of `path`, opened, and the file name in it (for writes relative to the
+/// directory: a temporary name, then a rename).
+pub fn open_parent(path: &Path) -> anyhow::Result<(Dir, String)> {
+    use anyhow::Context;
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .with_context(|| format!("{}: not a file name", path.display()))?
+        .to_string();
+    let dir = Dir::open(parent).with_context(|| format!("{}: cannot open", parent.display()))?;
+    Ok((dir, name))
+}
+
 /// Opens `path` for reading without blocking on a FIFO, and refuses anything that is not a
 /// regular file.
 pub fn open_regular(path: &Path) -> io::Result<File> {

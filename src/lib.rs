@@ -6,9 +6,11 @@
 //! `serve` serves backup points over NBD with the restore side's checks.
 
 pub mod backup;
+pub mod cli;
 pub mod fsutil;
 pub mod humanize;
 pub mod image_text;
+pub mod metrics;
 pub mod progress;
 pub mod qmp;
 pub mod report;

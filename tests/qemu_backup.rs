@@ -2079,3 +2079,214 @@ fn keep_last_prunes_after_every_backup_and_the_chain_goes_on() {
     assert_restores_to(&d, None, &vm.models[0], "after-exit-3");
     no_leftovers(&vm);
 }
+
+/// The promtool of the `prometheus` package (`.ci/install-qemu` extracts it to
+/// /opt/prometheus without installing the server); None where there is none.
+fn promtool() -> Option<PathBuf> {
+    let candidates = [
+        std::env::var_os("PROMTOOL").map(PathBuf::from),
+        Some(PathBuf::from("/opt/prometheus/usr/bin/promtool")),
+        Some(PathBuf::from("/usr/bin/promtool")),
+    ];
+    candidates.into_iter().flatten().find(|p| p.is_file())
+}
+
+/// `promtool check metrics` accepts the file (lint included); skipped without promtool.
+fn assert_promtool_accepts(path: &Path) {
+    let Some(tool) = promtool() else {
+        eprintln!("promtool not found: metrics lint skipped (run .ci/install-qemu)");
+        return;
+    };
+    let text = std::fs::read(path).unwrap();
+    let mut child = Command::new(tool)
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(&text).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
+        "promtool on {}:\n{}\n{}{}",
+        path.display(),
+        String::from_utf8_lossy(&text),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A systemd environment file as the units read it: VAR=value lines, quotes removed.
+fn read_env_file(text: &str) -> Vec<(String, String)> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().trim_matches('"').to_string()))
+        .collect()
+}
+
+/// The unit's ExecStart for `instance` with `env` (its Environment= defaults first), as
+/// systemd expands it: `${VAR}` one argument, `$VAR` split at whitespace, `%i` the instance.
+fn exec_start(unit: &str, instance: &str, config: &str) -> Vec<String> {
+    let mut env: Vec<(String, String)> = unit
+        .lines()
+        .filter_map(|l| l.strip_prefix("Environment="))
+        .flat_map(read_env_file)
+        .collect();
+    env.extend(read_env_file(config));
+    let get = |k: &str| {
+        env.iter()
+            .rev()
+            .find(|(n, _)| n == k)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default()
+    };
+    let line = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("ExecStart="))
+        .expect("ExecStart");
+    let mut args = Vec::new();
+    for word in line.split_whitespace() {
+        let word = word.replace("%i", instance);
+        if let Some(var) = word.strip_prefix("${").and_then(|w| w.strip_suffix('}')) {
+            args.push(get(var));
+        } else if let Some(var) = word.strip_prefix('$') {
+            args.extend(get(var).split_whitespace().map(str::to_string));
+        } else {
+            args.push(word);
+        }
+    }
+    args
+}
+
+#[test]
+fn the_systemd_unit_backs_up_and_leaves_metrics_promtool_accepts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut vm = Vm::standard(tmp.path());
+    let unit = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging/systemd/qmpbackup@.service"),
+    )
+    .unwrap();
+    let example =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging/vm.conf"))
+            .unwrap();
+    let target = tmp.path().join("bk");
+    let metrics = tmp.path().join("qmpbackup-vm1.prom");
+    // The documented example, with this VM's socket and target, one disk, keep-last 2.
+    let config = example
+        .replace("/run/vm1-backup.qmp", &vm.sock())
+        .replace("/backup/vm1", &target.display().to_string())
+        .replace(
+            "--keep-daily 7 --keep-weekly 4 --keep-monthly 6",
+            "--keep-last 2",
+        )
+        .replace(
+            "/var/lib/prometheus/node-exporter/qmpbackup-vm1.prom",
+            &metrics.display().to_string(),
+        )
+        .replace("EXTRA_ARGS=\n", "EXTRA_ARGS=\"-i vblk1\"\n");
+    let args = exec_start(&unit, "vm1", &config);
+    assert_eq!(args[0], "/usr/bin/qmpbackup", "{args:?}");
+    let run = |args: &[String]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_qmpbackup"))
+            .args(&args[1..])
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let metric = |name: &str| -> Vec<String> {
+        std::fs::read_to_string(&metrics)
+            .unwrap()
+            .lines()
+            .filter(|l| l.starts_with(name))
+            .map(str::to_string)
+            .collect()
+    };
+    for run_no in 1..=3u64 {
+        vm.write(0, run_no * MIB, 4096, 0x70 + run_no as u8);
+        let (code, err) = run(&args);
+        assert_eq!(code, 0, "{args:?}\n{err}");
+        assert_eq!(
+            metric("qmpbackup_last_run_success"),
+            ["qmpbackup_last_run_success{name=\"vm1\"} 1"]
+        );
+        assert_eq!(
+            metric("qmpbackup_last_run_prune_success"),
+            ["qmpbackup_last_run_prune_success{name=\"vm1\"} 1"]
+        );
+        let level = if run_no == 1 { "full" } else { "inc" };
+        let written = metric("qmpbackup_disk_last_backup_written_bytes");
+        assert_eq!(written.len(), 1, "{written:?}");
+        assert!(
+            written[0].starts_with(&format!(
+                "qmpbackup_disk_last_backup_written_bytes{{name=\"vm1\",disk=\"vblk1\",level=\"{level}\"}} "
+            )),
+            "{written:?}"
+        );
+        // keep-last 2: the chain never holds more than two points.
+        assert_eq!(
+            metric("qmpbackup_disk_chain_points"),
+            [format!(
+                "qmpbackup_disk_chain_points{{name=\"vm1\",disk=\"vblk1\"}} {}",
+                run_no.min(2)
+            )]
+        );
+        assert_promtool_accepts(&metrics);
+    }
+    assert_restores_to(&target.join("d1.qcow2"), None, &vm.models[0], "unit");
+
+    // A failed run (the VM's socket gone) says so, and still lints clean.
+    let broken = config.replace(
+        &vm.sock(),
+        &tmp.path().join("nothing.qmp").display().to_string(),
+    );
+    let (code, err) = run(&exec_start(&unit, "vm1", &broken));
+    assert_eq!(code, 1, "{err}");
+    assert_eq!(
+        metric("qmpbackup_last_run_success"),
+        ["qmpbackup_last_run_success{name=\"vm1\"} 0"]
+    );
+    assert_eq!(
+        metric("qmpbackup_last_run_exit_code"),
+        ["qmpbackup_last_run_exit_code{name=\"vm1\"} 1"]
+    );
+    assert!(metric("qmpbackup_disk_").is_empty());
+    assert_promtool_accepts(&metrics);
+
+    // verify's metrics: sound, then with a damaged backup.
+    let disk_dir = target.join("d1.qcow2");
+    let vmetrics = tmp.path().join("verify.prom");
+    let verify = || {
+        Command::new(env!("CARGO_BIN_EXE_qmprestore"))
+            .args(["verify", "--dir"])
+            .arg(&disk_dir)
+            .args(["--name", "vm1", "--metrics-file"])
+            .arg(&vmetrics)
+            .output()
+            .unwrap()
+    };
+    assert!(verify().status.success());
+    let text = std::fs::read_to_string(&vmetrics).unwrap();
+    assert!(
+        text.contains("qmprestore_last_verify_success{name=\"vm1\",dir=\""),
+        "{text}"
+    );
+    assert!(text.contains("} 1\n"), "{text}");
+    assert_promtool_accepts(&vmetrics);
+    let newest = files(&disk_dir, "INC-").pop().unwrap();
+    std::fs::write(disk_dir.join(format!("{newest}.manifest")), "{").unwrap();
+    assert_eq!(verify().status.code(), Some(1));
+    let text = std::fs::read_to_string(&vmetrics).unwrap();
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("qmprestore_last_verify_problems{") && l.ends_with(" 1")),
+        "{text}"
+    );
+    assert_promtool_accepts(&vmetrics);
+    vm.kill();
+}

@@ -1456,3 +1456,49 @@ fn commit_and_merge_agree_on_a_disk_that_shrank_and_grew() {
         restore_ok(&w, &["verify", "--dir", "."]);
     }
 }
+
+#[test]
+fn exit_status_is_0_success_1_failure_2_usage_as_help_says() {
+    let b = backup_dir();
+    let d = b.root.display().to_string();
+    let status = |bin: &str, args: &[&str]| {
+        Command::new(bin)
+            .args(args)
+            .env("PATH", "/nonexistent")
+            .output()
+            .unwrap()
+    };
+    let restore = env!("CARGO_BIN_EXE_qmprestore");
+    let backup = env!("CARGO_BIN_EXE_qmpbackup");
+    assert_eq!(
+        status(restore, &["list", "--dir", &d]).status.code(),
+        Some(0)
+    );
+    let missing = b._tmp.path().join("missing").display().to_string();
+    assert_eq!(
+        status(restore, &["list", "--dir", &missing]).status.code(),
+        Some(1)
+    );
+    assert_eq!(status(restore, &["list", "--bogus"]).status.code(), Some(2));
+    assert_eq!(
+        status(backup, &["backup", "--target", "/x"]).status.code(),
+        Some(2)
+    );
+    let no_socket = status(backup, &["backup", "--level", "full", "--target", &missing]);
+    assert_eq!(no_socket.status.code(), Some(1));
+    // --help wraps its text: compare words.
+    let help_of = |bin: &str| {
+        let text = String::from_utf8(status(bin, &["--help"]).stdout).unwrap();
+        text.split_whitespace().collect::<Vec<_>>().join(" ")
+    };
+    for bin in [restore, backup] {
+        let help = help_of(bin);
+        assert!(help.contains("Exit status: 0 success; 1 failure"), "{help}");
+        assert!(help.contains("2 usage error"), "{help}");
+    }
+    let help = help_of(backup);
+    assert!(
+        help.contains("3 the backup was made but pruning after it failed"),
+        "{help}"
+    );
+}

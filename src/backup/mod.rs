@@ -4,12 +4,14 @@
 
 pub mod discover;
 pub mod level;
+pub mod metrics;
 pub mod run;
 
 use crate::backup::discover::Disk;
 use crate::backup::level::{chain_uuid, decide_level, DiskFacts, RequestedLevel};
 use crate::backup::run::{AbortFlag, AgentRef, Notes, Planned, RunOptions};
 use crate::fsutil::{self, Dir};
+use crate::metrics::MetricsOptions;
 use crate::qmp::agent::Agent;
 use crate::qmp::client::Qmp;
 use crate::qmp::types::{StatusInfo, VersionInfo};
@@ -100,6 +102,8 @@ pub struct BackupOptions {
     /// after a failed one. Exit code 3: the backup succeeded but the prune did not.
     #[command(flatten)]
     pub keep: KeepOptions,
+    #[command(flatten)]
+    pub metrics: MetricsOptions,
     /// Cancel the backup (and fail) when a disk's job has made no progress for this many
     /// seconds: a stuck storage or QEMU never keeps the run waiting forever.
     #[arg(long, default_value_t = 1800, value_name = "SECONDS")]

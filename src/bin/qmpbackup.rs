@@ -1,84 +1,17 @@
 //! qmpbackup: live full, incremental, auto and copy backups of running QEMU VMs over QMP.
 
 use anyhow::{Context, Result};
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::Parser;
+use qmpbackup::backup::metrics::{backup_metrics, Outcome};
 use qmpbackup::backup::run::{Abort, AbortFlag, Notes};
-use qmpbackup::backup::{self, BackupOptions};
+use qmpbackup::backup::{self, BackupOptions, Summary};
 use qmpbackup::qmp::client::Qmp;
 use qmpbackup::report;
 use serde_json::json;
-use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
-/// Live backups of running QEMU VMs over QMP: full, incremental (dirty bitmaps), auto and
-/// copy, all disks at once, with image fleecing on QEMU ≥ 7.1.
-///
-/// Start QEMU with a QMP socket reserved for backups (QMP serves one client at a time):
-///   -qmp unix:/run/vm1-backup.qmp,server=on,wait=off
-/// Restore with qmprestore (no QEMU needed).
-#[derive(Parser)]
-#[command(version, propagate_version = true)]
-struct Cli {
-    /// QMP socket: a unix socket path, or tcp:HOST:PORT.
-    #[arg(long, global = true)]
-    socket: Option<String>,
-    /// Guest agent socket (for --quiesce).
-    #[arg(long, global = true)]
-    agent_socket: Option<String>,
-    /// Print every QMP message.
-    #[arg(long, global = true)]
-    debug: bool,
-    /// Also write the log to this file.
-    #[arg(short = 'L', long, global = true)]
-    logfile: Option<PathBuf>,
-    /// Also log to syslog.
-    #[arg(long, global = true)]
-    syslog: bool,
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum Show {
-    Blockdev,
-    Bitmaps,
-}
-
-#[derive(Args)]
-struct BackupArgs {
-    #[command(flatten)]
-    opts: BackupOptions,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Back up the VM's disks.
-    ///
-    /// Example: qmpbackup --socket /run/vm1-backup.qmp backup --level auto --target /backup/vm1
-    Backup(Box<BackupArgs>),
-    /// Show the VM's disks or their dirty bitmaps.
-    ///
-    /// Example: qmpbackup --socket /run/vm1-backup.qmp info --show bitmaps
-    Info {
-        #[arg(long, value_enum)]
-        show: Show,
-    },
-    /// Remove what an interrupted run left in QEMU (block jobs and nodes; the changes held
-    /// by a frozen bitmap are merged back into its chain's bitmap, so none is lost); with
-    /// --remove-bitmap, also qmpbackup's dirty bitmaps (all chains, or one with --uuid),
-    /// which ends those chains.
-    ///
-    /// Example: qmpbackup --socket /run/vm1-backup.qmp cleanup
-    Cleanup {
-        /// Also remove the dirty bitmaps (the next backup of each chain must be a full).
-        #[arg(long, alias = "remove-bitmaps")]
-        remove_bitmap: bool,
-        /// With --remove-bitmap: only this chain's bitmap (qmpbackup-<uuid>).
-        #[arg(long, requires = "remove_bitmap")]
-        uuid: Option<String>,
-    },
-}
+use qmpbackup::cli::qmpbackup::{Cli, Command, Show};
 
 async fn connect(socket: &Option<String>) -> Result<Qmp> {
     let s = socket
@@ -131,57 +64,34 @@ async fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Backup(a) => {
             let opts = &a.opts;
-            // Refused before connecting, as any other invalid argument.
-            opts.speed_limit_bytes()?;
-            if opts.target.no_timestamp && !opts.keep.policy().is_empty() {
-                anyhow::bail!(
-                    "--keep-* prunes by the time in the backups' names, which --no-timestamp leaves out: use one or the other"
+            if let Some(name) = &opts.metrics.name {
+                report::log_only(format!("Name: {name}"));
+            }
+            let started = SystemTime::now();
+            let mut made = None;
+            let result =
+                backup_command(&cli.socket, cli.agent_socket.as_deref(), opts, &mut made).await;
+            if let Some(path) = &opts.metrics.metrics_file {
+                let code = *result.as_ref().unwrap_or(&1);
+                let outcome = match &made {
+                    Some((summary, pruned)) => Outcome::Made {
+                        summary,
+                        pruned: *pruned,
+                    },
+                    None => Outcome::Failed,
+                };
+                let m = backup_metrics(
+                    opts.metrics.label(),
+                    started,
+                    SystemTime::now(),
+                    &outcome,
+                    code,
                 );
-            }
-            let abort: AbortFlag = Abort::new();
-            install_signals(abort.clone(), opts.cancel_timeout());
-            let qmp = connect(&cli.socket).await?;
-            qmp.follow_deadline(abort.deadline());
-            let mut notes = Notes::new(opts.json);
-            let agent =
-                backup::connect_agent(cli.agent_socket.as_deref(), opts, &mut notes).await?;
-            let result = backup::backup(&qmp, opts, agent.as_ref(), &abort, &mut notes).await;
-            match result {
-                Ok(s) => {
-                    if opts.json {
-                        println!("{}", json!({"event": "summary", "summary": s}));
-                    } else {
-                        eprint!("{}", s.human());
-                    }
-                    report::info("backup finished");
-                    // The backup's signal handling (cancel and clean up in QEMU) has
-                    // nothing to do here: a prune may be stopped anywhere (its journal lets
-                    // the next run finish it), so a signal ends the process as usual.
-                    if !opts.keep.policy().is_empty() {
-                        // SAFETY: restoring the default disposition of two signals.
-                        unsafe {
-                            libc::signal(libc::SIGINT, libc::SIG_DFL);
-                            libc::signal(libc::SIGTERM, libc::SIG_DFL);
-                        }
-                    }
-                    if let Err(e) = backup::prune_after_backup(opts, &s) {
-                        if opts.json {
-                            println!(
-                                "{}",
-                                json!({"event": "prune-error", "error": format!("{e:#}")})
-                            );
-                        }
-                        report::error(format!("qmpbackup: prune failed: {e:#}"));
-                        return Ok(ExitCode::from(3));
-                    }
-                }
-                Err(e) => {
-                    if opts.json {
-                        println!("{}", json!({"event": "error", "error": format!("{e:#}")}));
-                    }
-                    return Err(e);
+                if let Err(e) = m.write(path) {
+                    report::error(format!("qmpbackup: {e:#}"));
                 }
             }
+            return result.map(ExitCode::from);
         }
         Command::Info { show } => {
             let qmp = connect(&cli.socket).await?;
@@ -216,6 +126,69 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `backup`: the exit status (0, or 3 when the backup was made and its prune failed), and
+/// in `made` the summary and the prune's outcome once the backup exists.
+async fn backup_command(
+    socket: &Option<String>,
+    agent_socket: Option<&str>,
+    opts: &BackupOptions,
+    made: &mut Option<(Summary, Option<bool>)>,
+) -> Result<u8> {
+    // Refused before connecting, as any other invalid argument.
+    opts.speed_limit_bytes()?;
+    if opts.target.no_timestamp && !opts.keep.policy().is_empty() {
+        anyhow::bail!(
+            "--keep-* prunes by the time in the backups' names, which --no-timestamp leaves out: use one or the other"
+        );
+    }
+    let abort: AbortFlag = Abort::new();
+    install_signals(abort.clone(), opts.cancel_timeout());
+    let qmp = connect(socket).await?;
+    qmp.follow_deadline(abort.deadline());
+    let mut notes = Notes::new(opts.json);
+    let agent = backup::connect_agent(agent_socket, opts, &mut notes).await?;
+    let s = match backup::backup(&qmp, opts, agent.as_ref(), &abort, &mut notes).await {
+        Ok(s) => s,
+        Err(e) => {
+            if opts.json {
+                println!("{}", json!({"event": "error", "error": format!("{e:#}")}));
+            }
+            return Err(e);
+        }
+    };
+    if opts.json {
+        println!("{}", json!({"event": "summary", "summary": s}));
+    } else {
+        eprint!("{}", s.human());
+    }
+    report::info("backup finished");
+    if opts.keep.policy().is_empty() {
+        *made = Some((s, None));
+        return Ok(0);
+    }
+    // The backup's signal handling (cancel and clean up in QEMU) has nothing to do here: a
+    // prune may be stopped anywhere (its journal lets the next run finish it), so a signal
+    // ends the process as usual.
+    // SAFETY: restoring the default disposition of two signals.
+    unsafe {
+        libc::signal(libc::SIGINT, libc::SIG_DFL);
+        libc::signal(libc::SIGTERM, libc::SIG_DFL);
+    }
+    let pruned = backup::prune_after_backup(opts, &s);
+    *made = Some((s, Some(pruned.is_ok())));
+    if let Err(e) = pruned {
+        if opts.json {
+            println!(
+                "{}",
+                json!({"event": "prune-error", "error": format!("{e:#}")})
+            );
+        }
+        report::error(format!("qmpbackup: prune failed: {e:#}"));
+        return Ok(3);
+    }
+    Ok(0)
 }
 
 fn main() -> ExitCode {

@@ -4,3 +4,4 @@
 pub mod commands;
 pub mod merge;
 pub mod options;
+pub mod verify_metrics;

@@ -9,11 +9,12 @@
 //! changes the FULL recomputes those blocks first ([`recover`]), since their recorded
 //! checksums cannot be true any more.
 
+use crate::fsutil::open_parent;
 use crate::fsutil::Dir;
 use crate::store::manifest::delta::{self, merge_ranges, whole_blocks, DeltaPlan};
 use crate::store::manifest::runs::{allocated_spans, compute_runs_in, overlapping, CheckedRun};
 use crate::store::manifest::verify::RunVerifier;
-use crate::store::manifest::{load_manifest, open_alone, open_parent, store, Manifest};
+use crate::store::manifest::{load_manifest, open_alone, store, Manifest};
 use anyhow::{Context, Result};
 use qcow2::Chain;
 use std::ops::Range;

@@ -29,7 +29,7 @@ pub mod runs;
 mod stream;
 pub mod verify;
 
-use crate::fsutil::{self, Dir};
+use crate::fsutil::{self, open_parent, Dir};
 use crate::store::level::BackupLevel;
 use crate::store::name::MANIFEST_SUFFIX;
 use anyhow::{Context, Result};
@@ -186,21 +186,6 @@ pub fn write_manifest_at(
         runs,
     };
     store_as(&dir, &name, &m)
-}
-
-/// The directory of `image`, opened, and the image's file name in it.
-pub fn open_parent(image: &Path) -> Result<(Dir, String)> {
-    let parent = match image.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    let name = image
-        .file_name()
-        .and_then(|n| n.to_str())
-        .with_context(|| format!("{}: not a file name", image.display()))?
-        .to_string();
-    let dir = Dir::open(parent).with_context(|| format!("{}: cannot open", parent.display()))?;
-    Ok((dir, name))
 }
 
 /// Writes the manifest of `m.header.file` in `dir`: through `<manifest>.tmp`, created anew
