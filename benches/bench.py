@@ -5,7 +5,8 @@ QEMU's own backup job time.
 
 qemu-img, qemu-nbd and cat are the yardsticks and the oracles: every merge and commit
 output is compared with `qemu-img compare` against the linked chain and checked with
-`qemu-img check`; a difference fails the run (exit 1). Times never fail it: on these
+`qemu-img check`; a difference fails the run (exit 1; a tool missing or a command failing
+or hanging exits 2). Times never fail it: on these
 machines they move by a third from run to run, so methods alternate within each round,
 medians are taken, and the ratios are for people and dashboards.
 
@@ -39,7 +40,17 @@ MIB = 1 << 20
 
 
 class Mismatch(Exception):
-    """An output differs from qemu-img's: the one thing that fails the run."""
+    """An output differs from qemu-img's (exit 1). Anything else that stops the run (a tool
+    missing, a command failing or hanging) exits 2, so a CI log tells the two apart."""
+
+
+def fail(message):
+    print(message, file=sys.stderr)
+    sys.exit(2)
+
+
+# No command of the bench takes minutes; a hung one stops the run instead of CI.
+COMMAND_TIMEOUT = 600
 
 
 def sh(*args, **kw):
@@ -60,11 +71,15 @@ def measure(cmd):
     with tempfile.NamedTemporaryFile("r") as rss:
         full = [TIME, "-f", "%M", "-o", rss.name, *cmd] if TIME else cmd
         t0 = time.monotonic()
-        p = subprocess.run(full, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            p = subprocess.run(full, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               timeout=COMMAND_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            fail(f"{' '.join(map(str, cmd))}: no end after {COMMAND_TIMEOUT} s")
         wall = time.monotonic() - t0
         if p.returncode != 0:
-            sys.exit(f"{' '.join(map(str, cmd))}: exit {p.returncode}\n"
-                     f"{p.stderr.decode(errors='replace')}")
+            fail(f"{' '.join(map(str, cmd))}: exit {p.returncode}\n"
+                 f"{p.stderr.decode(errors='replace')}")
         peak = rss.read().strip().splitlines()
     return wall, int(peak[-1]) if peak and peak[-1].isdigit() else None
 
@@ -134,11 +149,18 @@ def alternate(results, case, runs, methods, after=None, before=None):
                 after(name, r)
 
 
-def compare(a, b, what):
-    if subprocess.run(["qemu-img", "compare", "-q", str(a), str(b)]).returncode != 0:
+def compare(a, b, what, *flags):
+    """qemu-img compare: 0 equal, 1 different; anything else is an error, not a verdict."""
+    code = subprocess.run(["qemu-img", "compare", "-q", *flags, str(a), str(b)]).returncode
+    if code == 1:
         raise Mismatch(f"{what}: {a} differs from {b}")
-    if subprocess.run(["qemu-img", "check", "-q", str(a)]).returncode != 0:
-        raise Mismatch(f"{what}: {a} fails qemu-img check")
+    if code != 0:
+        fail(f"{what}: qemu-img compare {a} {b} failed (exit {code})")
+    code = subprocess.run(["qemu-img", "check", "-q", str(a)]).returncode
+    if code in (2, 3):
+        raise Mismatch(f"{what}: {a} fails qemu-img check (exit {code})")
+    if code != 0:
+        fail(f"{what}: qemu-img check {a} failed (exit {code})")
 
 
 def rm(*paths):
@@ -268,7 +290,7 @@ class Server:
         while not os.path.exists(sock):
             if time.monotonic() > deadline or self.p.poll() is not None:
                 self.stop()
-                sys.exit(f"{cmd[0]} did not start")
+                fail(f"{cmd[0]} did not start")
             time.sleep(0.02)
 
     def uri(self):
@@ -383,21 +405,24 @@ class Qmp:
         self.f.flush()
         with self.cv:
             if not self.cv.wait_for(lambda: self.replies, timeout=60):
-                sys.exit(f"QMP {cmd}: no reply")
+                fail(f"QMP {cmd}: no reply")
             reply = self.replies.pop(0)
         if "error" in reply:
-            sys.exit(f"QMP {cmd}: {reply['error']}")
+            fail(f"QMP {cmd}: {reply['error']}")
         return reply["return"]
 
     def job_seconds(self, since):
         """From the first backup job's creation to the last one's completion, by QEMU's
         event timestamps, among the events after index `since`."""
         with self.cv:
+            # The completion event may still be on its way from the socket.
+            self.cv.wait_for(lambda: any(n == "BLOCK_JOB_COMPLETED"
+                                         for n, _, _ in self.events[since:]), timeout=10)
             evs = self.events[since:]
         starts = [t for n, d, t in evs if n == "JOB_STATUS_CHANGE" and d.get("status") == "created"]
         ends = [t for n, _, t in evs if n == "BLOCK_JOB_COMPLETED"]
         if not starts or not ends:
-            sys.exit("the backup job's events were not seen")
+            fail("the backup job's events were not seen")
         return max(ends) - min(starts)
 
 
@@ -444,8 +469,7 @@ def backup(results, runs, w, quick):
             if r == 0:
                 out = w / "restored.qcow2"
                 quiet(BIN / "qmprestore", "-q", "merge", "--dir", target, "--targetfile", out)
-                if subprocess.run(["qemu-img", "compare", "-q", "-U", disk, out]).returncode:
-                    raise Mismatch("backup: the restored chain differs from the VM's disk")
+                compare(out, disk, "backup: the restored chain against the VM's disk", "-U")
                 rm(out, f"{out}.manifest")
             rm(target)
     finally:
@@ -485,7 +509,13 @@ def main():
     sections = args.only.split(",")
     sh("cargo", "build", "--release", "-q", "--bin", "qmprestore", "--bin", "qmpbackup",
        "--example", "write-manifest", cwd=ROOT)
-    base = "/dev/shm" if os.path.isdir("/dev/shm") else None
+    # tmpfs when it has room for the chains (a container's /dev/shm may hold 64 MiB).
+    need = (2 if args.quick else 12) << 30
+    base = None
+    if os.path.isdir("/dev/shm"):
+        st = os.statvfs("/dev/shm")
+        if st.f_bavail * st.f_frsize >= need:
+            base = "/dev/shm"
     qemu_version = subprocess.run(["qemu-img", "--version"], capture_output=True,
                                   text=True).stdout.splitlines()[0]
     results = Results()
@@ -499,6 +529,8 @@ def main():
         except Mismatch as e:
             print(f"OUTPUT MISMATCH: {e}", file=sys.stderr)
             sys.exit(1)
+        except (subprocess.CalledProcessError, OSError) as e:
+            fail(f"the bench could not run: {e}")
     print(f"{qemu_version}; {runs} alternating rounds, medians")
     print()
     print(table(results))

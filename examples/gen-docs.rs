@@ -12,9 +12,19 @@ fn write(path: &Path, data: &[u8]) -> Result<()> {
     std::fs::write(path, data).with_context(|| format!("{}: cannot write", path.display()))
 }
 
-/// The page of `cmd` named `name`, and those of its subcommands (`name-sub`), each with an
-/// EXIT STATUS section.
-fn man_pages(cmd: &clap::Command, name: &str, exit: &str, dir: &Path) -> Result<()> {
+/// The exit status of qmpbackup's subcommands other than `backup` (no prune, no exit 3).
+const PLAIN_EXIT_CODES: &str = "Exit status: 0 success; 1 failure; 2 usage error.";
+
+/// The page of `cmd` named `name`, and those of its subcommands (`name-sub`). A command's
+/// page has the exit status from its --help (clap_mangen renders it); a subcommand's
+/// page gets it as an EXIT STATUS section.
+fn man_pages(
+    cmd: &clap::Command,
+    name: &str,
+    exit: Option<&str>,
+    top_exit: &str,
+    dir: &Path,
+) -> Result<()> {
     // clap keeps names as &'static str; a generator that ends at once can leak them.
     let leak = |s: String| -> &'static str { Box::leak(s.into_boxed_str()) };
     let page = cmd
@@ -23,13 +33,21 @@ fn man_pages(cmd: &clap::Command, name: &str, exit: &str, dir: &Path) -> Result<
         .bin_name(leak(name.replace('-', " ")));
     let mut out = Vec::new();
     clap_mangen::Man::new(page.clone()).render(&mut out)?;
-    // roff: backslashes are escapes and `-` a hyphen; the text starts with a letter, so it
-    // is never read as a request.
-    let text = exit.replace('\\', "\\\\").replace('-', "\\-");
-    out.extend_from_slice(format!(".SH \"EXIT STATUS\"\n{text}\n").as_bytes());
+    if let Some(exit) = exit {
+        // roff: backslashes are escapes and `-` a hyphen; the text starts with a letter,
+        // so it is never read as a request.
+        let text = exit.replace('\\', "\\\\").replace('-', "\\-");
+        out.extend_from_slice(format!(".SH \"EXIT STATUS\"\n{text}\n").as_bytes());
+    }
     write(&dir.join(format!("{name}.1")), &out)?;
     for sub in page.get_subcommands().filter(|s| s.get_name() != "help") {
-        man_pages(sub, &format!("{name}-{}", sub.get_name()), exit, dir)?;
+        let sub_name = format!("{name}-{}", sub.get_name());
+        let sub_exit = if name == "qmpbackup" && sub_name != "qmpbackup-backup" {
+            PLAIN_EXIT_CODES
+        } else {
+            top_exit
+        };
+        man_pages(sub, &sub_name, Some(sub_exit), top_exit, dir)?;
     }
     Ok(())
 }
@@ -58,7 +76,7 @@ fn main() -> Result<()> {
     for (name, cmd, exit) in &commands {
         let mut cmd = cmd.clone().name(*name);
         cmd.build();
-        man_pages(&cmd, name, exit, &man)?;
+        man_pages(&cmd, name, None, exit, &man)?;
         for (shell, dir, file) in [
             (Shell::Bash, "bash", name.to_string()),
             (Shell::Zsh, "zsh", format!("_{name}")),

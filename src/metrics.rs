@@ -12,12 +12,13 @@ use std::path::{Path, PathBuf};
 #[derive(Args, Debug, Clone, Default)]
 pub struct MetricsOptions {
     /// A name for this VM or job: logged, and the `name` label of every metric (the
-    /// systemd units pass the instance name).
+    /// systemd units pass the instance name; required with --metrics-file, so two VMs'
+    /// files never look alike).
     #[arg(long)]
     pub name: Option<String>,
     /// Write the run's outcome as Prometheus gauges to this file (atomically), for
     /// node_exporter's textfile collector (e.g. /var/lib/prometheus/node-exporter/qmpbackup-vm1.prom).
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", requires = "name")]
     pub metrics_file: Option<PathBuf>,
 }
 
@@ -89,10 +90,19 @@ impl Metrics {
     }
 
     /// Writes the file under a temporary name in its directory, then renames it into place.
+    /// The temporary name is the writer's own (two runs pointed at one file never write
+    /// through each other's), and does not end in `.prom`, so the collector skips it. The
+    /// file is world-readable whatever the umask: node_exporter runs as another user.
     pub fn write(&self, path: &Path) -> Result<()> {
+        use std::io::Write as _;
+        use std::os::unix::fs::PermissionsExt;
         let (dir, name) = open_parent(path)?;
-        dir.write_atomic(&name, self.render().as_bytes())
-            .with_context(|| format!("{}: cannot write the metrics", path.display()))
+        let tmp = format!(".{name}.tmp-{}", std::process::id());
+        dir.write_atomic_via(&name, &tmp, |f| {
+            f.set_permissions(std::fs::Permissions::from_mode(0o644))?;
+            f.write_all(self.render().as_bytes())
+        })
+        .with_context(|| format!("{}: cannot write the metrics", path.display()))
     }
 }
 
@@ -134,5 +144,8 @@ mod tests {
             "# HELP x_seconds X.\n# TYPE x_seconds gauge\nx_seconds{name=\"\"} 1.5\n"
         );
         assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 1);
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o644);
     }
 }

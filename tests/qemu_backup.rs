@@ -2220,20 +2220,34 @@ fn the_systemd_unit_backs_up_and_leaves_metrics_promtool_accepts() {
             ["qmpbackup_last_run_prune_success{name=\"vm1\"} 1"]
         );
         let level = if run_no == 1 { "full" } else { "inc" };
+        assert_eq!(
+            metric("qmpbackup_disk_last_backup_info"),
+            [format!(
+                "qmpbackup_disk_last_backup_info{{name=\"vm1\",disk=\"d1.qcow2\",device=\"vblk1\",level=\"{level}\"}} 1"
+            )]
+        );
         let written = metric("qmpbackup_disk_last_backup_written_bytes");
         assert_eq!(written.len(), 1, "{written:?}");
         assert!(
-            written[0].starts_with(&format!(
-                "qmpbackup_disk_last_backup_written_bytes{{name=\"vm1\",disk=\"vblk1\",level=\"{level}\"}} "
-            )),
+            written[0].starts_with(
+                "qmpbackup_disk_last_backup_written_bytes{name=\"vm1\",disk=\"d1.qcow2\"} "
+            ),
             "{written:?}"
         );
         // keep-last 2: the chain never holds more than two points.
         assert_eq!(
             metric("qmpbackup_disk_chain_points"),
             [format!(
-                "qmpbackup_disk_chain_points{{name=\"vm1\",disk=\"vblk1\"}} {}",
+                "qmpbackup_disk_chain_points{{name=\"vm1\",disk=\"d1.qcow2\"}} {}",
                 run_no.min(2)
+            )]
+        );
+        let newest = metric("qmpbackup_last_backup_timestamp_seconds");
+        let point = newest[0].rsplit(' ').next().unwrap().to_string();
+        assert_eq!(
+            metric("qmpbackup_disk_newest_point_timestamp_seconds"),
+            [format!(
+                "qmpbackup_disk_newest_point_timestamp_seconds{{name=\"vm1\",disk=\"d1.qcow2\"}} {point}"
             )]
         );
         assert_promtool_accepts(&metrics);
@@ -2255,7 +2269,25 @@ fn the_systemd_unit_backs_up_and_leaves_metrics_promtool_accepts() {
         metric("qmpbackup_last_run_exit_code"),
         ["qmpbackup_last_run_exit_code{name=\"vm1\"} 1"]
     );
-    assert!(metric("qmpbackup_disk_").is_empty());
+    // What this run backed up: nothing; what the target holds: still there.
+    assert!(metric("qmpbackup_disk_last_backup").is_empty());
+    assert_eq!(
+        metric("qmpbackup_disk_newest_point_timestamp_seconds").len(),
+        1
+    );
+    assert_eq!(
+        metric("qmpbackup_disk_chain_points"),
+        ["qmpbackup_disk_chain_points{name=\"vm1\",disk=\"d1.qcow2\"} 2"]
+    );
+    assert_promtool_accepts(&metrics);
+    // A typo in the configuration: a usage error (2), and the metrics say so.
+    let typo = config.replace("--keep-last 2", "--keep-lats 2");
+    let (code, err) = run(&exec_start(&unit, "vm1", &typo));
+    assert_eq!(code, 2, "{err}");
+    assert_eq!(
+        metric("qmpbackup_last_run_exit_code"),
+        ["qmpbackup_last_run_exit_code{name=\"vm1\"} 2"]
+    );
     assert_promtool_accepts(&metrics);
 
     // verify's metrics: sound, then with a damaged backup.

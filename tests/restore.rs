@@ -1484,6 +1484,10 @@ fn exit_status_is_0_success_1_failure_2_usage_as_help_says() {
         status(backup, &["backup", "--target", "/x"]).status.code(),
         Some(2)
     );
+    // qcow2 keeps qemu-img's codes: a usage error is 1 (2 is check's "corruptions").
+    let qcow2 = env!("CARGO_BIN_EXE_qcow2");
+    assert_eq!(status(qcow2, &["info", "--bogus"]).status.code(), Some(1));
+    assert_eq!(status(qcow2, &["--help"]).status.code(), Some(0));
     let no_socket = status(backup, &["backup", "--level", "full", "--target", &missing]);
     assert_eq!(no_socket.status.code(), Some(1));
     // --help wraps its text: compare words.

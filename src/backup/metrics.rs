@@ -1,9 +1,11 @@
-//! The metrics a `qmpbackup backup` run leaves (`--metrics-file`): the run's outcome, and per
-//! disk what was backed up and how long its chain now is.
+//! The metrics a `qmpbackup backup` run leaves (`--metrics-file`): the run's outcome, what
+//! it backed up, and per disk of the target its newest point and chain length, read from
+//! the target itself (so a failed run still says how old the newest backup is, with no
+//! state kept between runs).
 
 use crate::backup::Summary;
 use crate::metrics::{unix_seconds, Metrics};
-use crate::store::disk_dir::DiskDir;
+use crate::store::vm::find_disks_lenient;
 use std::path::Path;
 use std::time::SystemTime;
 
@@ -18,23 +20,44 @@ pub enum Outcome<'a> {
     Failed,
 }
 
-/// The points of the chain that `file` (a backup just made) belongs to, as its directory
-/// holds them now (after any prune); None when the directory cannot be read.
-fn chain_points(file: &Path, disk_name: &str) -> Option<usize> {
-    let dir = DiskDir::scan(file.parent()?, Some(disk_name)).ok()?;
-    if file
-        .file_name()
-        .and_then(|n| n.to_str())
-        .is_some_and(|n| n.starts_with("COPY-"))
-    {
-        return Some(1);
+/// Per disk directory of the target: its newest point in time (any level) and the points
+/// of its newest chain. Nothing when the target cannot be read.
+fn target_gauges(m: &mut Metrics, name: &str, target: &Path) {
+    let Ok(disks) = find_disks_lenient(target) else {
+        return;
+    };
+    for (disk, b) in &disks {
+        let labels = [("name", name), ("disk", disk.as_str())];
+        let newest = b
+            .chains
+            .iter()
+            .flat_map(|(_, c)| c.files())
+            .chain(b.copies.iter())
+            .map(|f| f.timestamp)
+            .max();
+        if let Some(t) = newest {
+            m.gauge(
+                "qmpbackup_disk_newest_point_timestamp_seconds",
+                "The newest point in time the disk's backups hold (Unix time; any level).",
+                &labels,
+                t as f64,
+            );
+        }
+        if let Some((_, chain)) = b.chains.iter().max_by_key(|(_, c)| c.full.timestamp) {
+            m.gauge(
+                "qmpbackup_disk_chain_points",
+                "Points in time in the disk's newest chain (its FULL and INCs).",
+                &labels,
+                chain.files().len() as f64,
+            );
+        }
     }
-    dir.chains.last().map(|c| c.files().len())
 }
 
-/// The gauges of one run. `exit_code` is what the process exits with.
+/// The gauges of one run against `target`. `exit_code` is what the process exits with.
 pub fn backup_metrics(
     name: &str,
+    target: &Path,
     started: SystemTime,
     ended: SystemTime,
     outcome: &Outcome,
@@ -63,65 +86,67 @@ pub fn backup_metrics(
             .map(|d| d.as_secs_f64())
             .unwrap_or(0.0),
     );
-    let made = matches!(outcome, Outcome::Made { .. });
     m.gauge(
         "qmpbackup_last_run_success",
-        "1 when the last run made its backup of every disk, else 0.",
+        "1 when the last run made its backup of every disk and any prune after it succeeded, else 0.",
         &run,
-        if made { 1.0 } else { 0.0 },
+        if exit_code == 0 { 1.0 } else { 0.0 },
     );
     m.gauge(
         "qmpbackup_last_run_exit_code",
-        "The last run's exit status: 0 success, 1 failure, 3 backup made but its prune failed.",
+        "The last run's exit status: 0 success, 1 failure, 2 usage error, 3 backup made but its prune failed.",
         &run,
         f64::from(exit_code),
     );
-    let Outcome::Made { summary, pruned } = outcome else {
-        return m;
-    };
-    if let Some(ok) = pruned {
-        m.gauge(
-            "qmpbackup_last_run_prune_success",
-            "1 when the prune after the last backup (--keep-*) succeeded, else 0.",
-            &run,
-            if *ok { 1.0 } else { 0.0 },
-        );
-    }
-    m.gauge(
-        "qmpbackup_last_backup_timestamp_seconds",
-        "The point in time of the last backup made (Unix time, as in its file names).",
-        &run,
-        summary.timestamp as f64,
-    );
-    m.gauge(
-        "qmpbackup_last_backup_quiesced",
-        "1 when the guest's filesystems were frozen for the last backup, else 0.",
-        &run,
-        if summary.quiesced { 1.0 } else { 0.0 },
-    );
-    for d in &summary.disks {
-        let level = d.level.prefix().to_ascii_lowercase();
-        let labels = [("name", name), ("disk", d.disk.as_str()), ("level", &level)];
-        m.gauge(
-            "qmpbackup_disk_last_backup_written_bytes",
-            "Guest data the disk's last backup file holds.",
-            &labels,
-            d.bytes as f64,
-        );
-        m.gauge(
-            "qmpbackup_disk_last_backup_duration_seconds",
-            "How long QEMU's job took for the disk's last backup.",
-            &labels,
-            d.seconds,
-        );
-        if let Some(points) = chain_points(Path::new(&d.file), &d.name) {
+    if let Outcome::Made { summary, pruned } = outcome {
+        if let Some(ok) = pruned {
             m.gauge(
-                "qmpbackup_disk_chain_points",
-                "Points in time in the disk's current chain (its FULL and INCs; 1 for a copy).",
-                &[("name", name), ("disk", d.disk.as_str())],
-                points as f64,
+                "qmpbackup_last_run_prune_success",
+                "1 when the prune after the last backup (--keep-*) succeeded, else 0.",
+                &run,
+                if *ok { 1.0 } else { 0.0 },
+            );
+        }
+        m.gauge(
+            "qmpbackup_last_backup_timestamp_seconds",
+            "The point in time of the last backup made (Unix time, as in its file names).",
+            &run,
+            summary.timestamp as f64,
+        );
+        m.gauge(
+            "qmpbackup_last_backup_quiesced",
+            "1 when the guest's filesystems were frozen for the last backup, else 0.",
+            &run,
+            if summary.quiesced { 1.0 } else { 0.0 },
+        );
+        for d in &summary.disks {
+            let level = d.level.prefix().to_ascii_lowercase();
+            let disk = [("name", name), ("disk", d.name.as_str())];
+            m.gauge(
+                "qmpbackup_disk_last_backup_info",
+                "The disk's last backup: its device and level (full, inc, copy).",
+                &[
+                    ("name", name),
+                    ("disk", d.name.as_str()),
+                    ("device", d.disk.as_str()),
+                    ("level", &level),
+                ],
+                1.0,
+            );
+            m.gauge(
+                "qmpbackup_disk_last_backup_written_bytes",
+                "Guest data the disk's last backup file holds.",
+                &disk,
+                d.bytes as f64,
+            );
+            m.gauge(
+                "qmpbackup_disk_last_backup_duration_seconds",
+                "How long QEMU's job took for the disk's last backup.",
+                &disk,
+                d.seconds,
             );
         }
     }
+    target_gauges(&mut m, name, target);
     m
 }

@@ -5,9 +5,11 @@ use clap::Parser;
 use qmpbackup::backup::metrics::{backup_metrics, Outcome};
 use qmpbackup::backup::run::{Abort, AbortFlag, Notes};
 use qmpbackup::backup::{self, BackupOptions, Summary};
+use qmpbackup::metrics::MetricsOptions;
 use qmpbackup::qmp::client::Qmp;
 use qmpbackup::report;
 use serde_json::json;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
 
@@ -46,8 +48,9 @@ fn install_signals(abort: AbortFlag, grace: Duration) {
     });
 }
 
-async fn run(cli: Cli) -> Result<ExitCode> {
-    report::set_debug(cli.debug);
+/// The log file and syslog, and the invocation as the log's first lines (QEMU's version
+/// follows once connected).
+fn start_logging(cli: &Cli) -> Result<()> {
     if let Some(l) = &cli.logfile {
         report::set_logfile(l).with_context(|| format!("{}: cannot open log file", l.display()))?;
     }
@@ -56,11 +59,39 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             report::warn(format!("syslog not available: {e}"));
         }
     }
-    // Each run's log starts with what was run and by which version (QEMU's follows once
-    // connected).
     let args: Vec<String> = std::env::args().collect();
     report::log_only(format!("Arguments: {}", report::masked_command_line(&args)));
     report::log_only(format!("qmpbackup {}", env!("CARGO_PKG_VERSION")));
+    Ok(())
+}
+
+/// Writes a backup run's metrics; a file that cannot be written is an error in the log.
+fn write_metrics(
+    metrics: &MetricsOptions,
+    target: &Path,
+    started: SystemTime,
+    outcome: &Outcome,
+    code: u8,
+) {
+    let Some(path) = &metrics.metrics_file else {
+        return;
+    };
+    let m = backup_metrics(
+        metrics.label(),
+        target,
+        started,
+        SystemTime::now(),
+        outcome,
+        code,
+    );
+    if let Err(e) = m.write(path) {
+        report::error(format!("qmpbackup: {e:#}"));
+    }
+}
+
+async fn run(cli: Cli) -> Result<ExitCode> {
+    report::set_debug(cli.debug);
+    let logging = start_logging(&cli);
     match cli.command {
         Command::Backup(a) => {
             let opts = &a.opts;
@@ -69,9 +100,13 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             }
             let started = SystemTime::now();
             let mut made = None;
-            let result =
-                backup_command(&cli.socket, cli.agent_socket.as_deref(), opts, &mut made).await;
-            if let Some(path) = &opts.metrics.metrics_file {
+            let result = match logging {
+                Ok(()) => {
+                    backup_command(&cli.socket, cli.agent_socket.as_deref(), opts, &mut made).await
+                }
+                Err(e) => Err(e),
+            };
+            {
                 let code = *result.as_ref().unwrap_or(&1);
                 let outcome = match &made {
                     Some((summary, pruned)) => Outcome::Made {
@@ -80,20 +115,12 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                     },
                     None => Outcome::Failed,
                 };
-                let m = backup_metrics(
-                    opts.metrics.label(),
-                    started,
-                    SystemTime::now(),
-                    &outcome,
-                    code,
-                );
-                if let Err(e) = m.write(path) {
-                    report::error(format!("qmpbackup: {e:#}"));
-                }
+                write_metrics(&opts.metrics, &opts.target.target, started, &outcome, code);
             }
             return result.map(ExitCode::from);
         }
         Command::Info { show } => {
+            logging?;
             let qmp = connect(&cli.socket).await?;
             let disks = backup::discover::discover(&qmp).await?;
             match show {
@@ -111,6 +138,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             remove_bitmap,
             uuid,
         } => {
+            logging?;
             let qmp = connect(&cli.socket).await?;
             let done = if remove_bitmap {
                 backup::remove_bitmaps(&qmp, uuid.as_deref()).await?
@@ -191,8 +219,48 @@ async fn backup_command(
     Ok(0)
 }
 
+/// A usage error in a backup run's arguments (a typo in a unit's configuration) still
+/// leaves metrics saying so, when --metrics-file can be read from the raw arguments.
+fn usage_error_metrics(args: &[String]) {
+    if !args.iter().any(|a| a == "backup") {
+        return;
+    }
+    let value = |long: &str, short: Option<&str>| -> Option<String> {
+        let mut it = args.iter();
+        while let Some(a) = it.next() {
+            if a == long || Some(a.as_str()) == short {
+                return it.next().cloned();
+            }
+            if let Some(v) = a.strip_prefix(long).and_then(|r| r.strip_prefix('=')) {
+                return Some(v.to_string());
+            }
+        }
+        None
+    };
+    let metrics = MetricsOptions {
+        name: value("--name", None),
+        metrics_file: value("--metrics-file", None).map(PathBuf::from),
+    };
+    let target = value("--target", Some("-t")).map(PathBuf::from);
+    write_metrics(
+        &metrics,
+        target.as_deref().unwrap_or(Path::new("/nonexistent")),
+        SystemTime::now(),
+        &Outcome::Failed,
+        2,
+    );
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            if e.use_stderr() {
+                usage_error_metrics(&std::env::args().collect::<Vec<_>>());
+            }
+            e.exit();
+        }
+    };
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

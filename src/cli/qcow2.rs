@@ -6,8 +6,8 @@ use qcow2::Format;
 use std::path::PathBuf;
 
 /// What the exit status says (also in the man pages).
-pub const EXIT_CODES: &str = "Exit status follows qemu-img: 0 success; 1 error; 2 usage error; \
-check: 2 corruptions, 3 leaks only; compare: 1 different, 2 error.";
+pub const EXIT_CODES: &str = "Exit status follows qemu-img: 0 success; 1 error (a usage error \
+too); check: 2 corruptions, 3 leaks only; compare: 1 different, 2 error.";
 
 /// Inspect and convert qcow2 images and backing chains without QEMU.
 #[derive(Parser)]

@@ -6,6 +6,7 @@ use anyhow::Result;
 use qcow2::{Chain, Format};
 use serde::{Deserialize, Serialize};
 use std::ops::Range;
+use std::path::Path;
 
 /// Guest bytes per checksum block in version-2 manifests (larger clusters: a cluster).
 pub const BLOCK_SIZE: u64 = 1 << 20;
@@ -178,6 +179,11 @@ pub fn allocated_spans(chain: &Chain, start: u64, end: u64) -> Result<Vec<Range<
     Ok(spans)
 }
 
+/// Pieces are hashed in batches of about this many bytes, or this many pieces, split
+/// between the readers: bounded memory beside the runs themselves.
+const BATCH_BYTES: u64 = 256 << 20;
+const BATCH_PIECES: usize = 1 << 16;
+
 /// The runs of an image opened alone within `ranges` (sorted, disjoint, block-aligned but
 /// for the disk's end), cut at multiples of `block`; re-read on all readers.
 pub fn compute_runs_in(
@@ -185,41 +191,57 @@ pub fn compute_runs_in(
     ranges: &[Range<u64>],
     block: u64,
 ) -> Result<Vec<CheckedRun>> {
-    let mut pieces: Vec<Range<u64>> = Vec::new();
+    let mut buffers: Vec<Vec<u8>> = (0..readers(Path::new(chain.top().path())))
+        .map(|_| Vec::new())
+        .collect();
+    let mut runs = Vec::new();
+    let mut batch: Vec<Range<u64>> = Vec::new();
+    let mut batch_bytes = 0u64;
+    let mut hash_batch = |batch: &mut Vec<Range<u64>>, runs: &mut Vec<CheckedRun>| {
+        let parts = in_parts(
+            &mut buffers,
+            batch,
+            |p| p.end - p.start,
+            |buf, part, stop| {
+                buf.resize(4 << 20, 0);
+                let mut out = Vec::with_capacity(part.len());
+                for p in part {
+                    if stop() {
+                        break;
+                    }
+                    let mut h = crc32fast::Hasher::new();
+                    hash_layer(chain, 0, p.start, p.end, buf, &mut h)?;
+                    out.push(CheckedRun {
+                        start: p.start,
+                        len: p.end - p.start,
+                        crc: h.finalize(),
+                    });
+                }
+                Ok(out)
+            },
+        );
+        batch.clear();
+        for part in parts {
+            runs.extend(part?);
+        }
+        Ok::<(), anyhow::Error>(())
+    };
     for range in ranges {
         for span in allocated_spans(chain, range.start, range.end)? {
             let mut pos = span.start;
             while pos < span.end {
                 let run_end = ((pos / block) + 1).saturating_mul(block).min(span.end);
-                pieces.push(pos..run_end);
+                batch.push(pos..run_end);
+                batch_bytes += run_end - pos;
                 pos = run_end;
+                if batch_bytes >= BATCH_BYTES || batch.len() >= BATCH_PIECES {
+                    hash_batch(&mut batch, &mut runs)?;
+                    batch_bytes = 0;
+                }
             }
         }
     }
-    let mut buffers: Vec<Vec<u8>> = (0..readers()).map(|_| Vec::new()).collect();
-    let parts = in_parts(
-        &mut buffers,
-        &pieces,
-        |p| p.end - p.start,
-        |buf, part| {
-            buf.resize(4 << 20, 0);
-            part.iter()
-                .map(|p| {
-                    let mut h = crc32fast::Hasher::new();
-                    hash_layer(chain, 0, p.start, p.end, buf, &mut h)?;
-                    Ok(CheckedRun {
-                        start: p.start,
-                        len: p.end - p.start,
-                        crc: h.finalize(),
-                    })
-                })
-                .collect::<Result<Vec<_>>>()
-        },
-    );
-    let mut runs = Vec::with_capacity(pieces.len());
-    for part in parts {
-        runs.extend(part?);
-    }
+    hash_batch(&mut batch, &mut runs)?;
     Ok(runs)
 }
 

@@ -105,11 +105,15 @@ fn check_batch(verifiers: &mut [RunVerifier<'_>], steps: &[Step]) -> Result<()> 
         verifiers,
         steps,
         |s| s.run.len,
-        |v, part| {
-            part.iter().try_for_each(|s| {
+        |v, part, stop| {
+            for s in part {
+                if stop() {
+                    break;
+                }
                 v.gap(s.gap_from, s.run.start)?;
-                v.run(&s.run)
-            })
+                v.run(&s.run)?;
+            }
+            Ok(())
         },
     )
     .into_iter()
@@ -128,13 +132,14 @@ pub fn verify_manifest(image: &Path) -> Result<Option<ManifestHeader>> {
     let chain = open_alone(image)?;
     let size = chain.virtual_size();
     let name = image.display().to_string();
-    let mut verifiers: Vec<RunVerifier> = (0..readers())
+    let mut verifiers: Vec<RunVerifier> = (0..readers(image))
         .map(|_| RunVerifier::new(&chain, name.clone()))
         .collect();
     let mut batch: Vec<Step> = Vec::new();
     let mut batch_bytes = 0u64;
     let mut pos = 0u64;
-    let header = read_streaming(image, |r| {
+    let mut data_error = false;
+    let streamed = read_streaming(image, |r| {
         if r.end() > size {
             return Err(damaged(
                 &manifest_path(image),
@@ -151,12 +156,24 @@ pub fn verify_manifest(image: &Path) -> Result<Option<ManifestHeader>> {
         batch_bytes += r.len;
         pos = r.end();
         if batch_bytes >= BATCH_BYTES || batch.len() >= BATCH_RUNS {
+            data_error = true;
             check_batch(&mut verifiers, &batch)?;
+            data_error = false;
             batch.clear();
             batch_bytes = 0;
         }
         Ok(())
-    })?;
+    });
+    // The runs read before a damaged part of the manifest are checked first: rot there is
+    // the first problem, and a damaged manifest must not hide it behind advice to restore
+    // with --ignore-checksums.
+    let header = match streamed {
+        Err(e) if !data_error => {
+            check_batch(&mut verifiers, &batch)?;
+            return Err(e);
+        }
+        other => other?,
+    };
     check_batch(&mut verifiers, &batch)?;
     let Some(header) = header else {
         return Ok(None);
@@ -288,6 +305,31 @@ mod tests {
             let e = verify_manifest(&image).unwrap_err().to_string();
             assert!(e.contains("guest range 0x500000..0x600000"), "{e}");
         }
+    }
+
+    #[test]
+    fn rot_before_a_damaged_part_of_the_manifest_is_reported_as_rot() {
+        let tmp = tempfile::tempdir().unwrap();
+        let image = raw_image(tmp.path(), 16 << 20);
+        write_manifest(&image, None).unwrap();
+        let path = manifest_path(&image);
+        let text = std::fs::read_to_string(&path).unwrap();
+        // Run 10's checksum made unreadable: the stream fails there.
+        let at = text.find(&format!("{},", 10 << 20)).unwrap();
+        let quote = at + text[at..].find('"').unwrap();
+        let damaged = format!("{}\"zz{}", &text[..quote], &text[quote + 3..]);
+        std::fs::write(&path, &damaged).unwrap();
+        let e = verify_manifest(&image).unwrap_err().to_string();
+        assert!(e.contains("damaged checksum manifest"), "{e}");
+        // With rot in run 3 as well, the rot is what verify reports.
+        let mut data = std::fs::read(&image).unwrap();
+        data[(3 << 20) + 5] ^= 1;
+        std::fs::write(&image, &data).unwrap();
+        let e = verify_manifest(&image).unwrap_err().to_string();
+        assert!(
+            e.contains("checksum mismatch in guest range 0x300000..0x400000"),
+            "{e}"
+        );
     }
 
     #[test]
