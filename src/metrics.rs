@@ -106,6 +106,14 @@ impl Metrics {
     }
 }
 
+/// Seconds from `started` to `ended` (0 if the clock went back), as durations are given.
+pub fn seconds_between(started: std::time::SystemTime, ended: std::time::SystemTime) -> f64 {
+    ended
+        .duration_since(started)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
 /// Seconds since the epoch, as metrics give times.
 pub fn unix_seconds(t: std::time::SystemTime) -> f64 {
     t.duration_since(std::time::UNIX_EPOCH)

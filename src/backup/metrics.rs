@@ -4,7 +4,7 @@
 //! state kept between runs).
 
 use crate::backup::Summary;
-use crate::metrics::{unix_seconds, Metrics};
+use crate::metrics::{seconds_between, unix_seconds, Metrics};
 use crate::store::vm::find_disks_lenient;
 use std::path::Path;
 use std::time::SystemTime;
@@ -81,10 +81,7 @@ pub fn backup_metrics(
         "qmpbackup_last_run_duration_seconds",
         "How long the last backup run took, prune included.",
         &run,
-        ended
-            .duration_since(started)
-            .map(|d| d.as_secs_f64())
-            .unwrap_or(0.0),
+        seconds_between(started, ended),
     );
     m.gauge(
         "qmpbackup_last_run_success",

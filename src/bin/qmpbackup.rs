@@ -106,17 +106,15 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 }
                 Err(e) => Err(e),
             };
-            {
-                let code = *result.as_ref().unwrap_or(&1);
-                let outcome = match &made {
-                    Some((summary, pruned)) => Outcome::Made {
-                        summary,
-                        pruned: *pruned,
-                    },
-                    None => Outcome::Failed,
-                };
-                write_metrics(&opts.metrics, &opts.target.target, started, &outcome, code);
-            }
+            let code = *result.as_ref().unwrap_or(&1);
+            let outcome = match &made {
+                Some((summary, pruned)) => Outcome::Made {
+                    summary,
+                    pruned: *pruned,
+                },
+                None => Outcome::Failed,
+            };
+            write_metrics(&opts.metrics, &opts.target.target, started, &outcome, code);
             return result.map(ExitCode::from);
         }
         Command::Info { show } => {

@@ -1,6 +1,6 @@
 //! The metrics a `qmprestore verify` run leaves (`--metrics-file`).
 
-use crate::metrics::{unix_seconds, Metrics};
+use crate::metrics::{seconds_between, unix_seconds, Metrics};
 use crate::restore::commands::VerifiedFile;
 use std::path::Path;
 use std::time::SystemTime;
@@ -27,10 +27,7 @@ pub fn verify_metrics(
         "qmprestore_last_verify_duration_seconds",
         "How long the last verify of the directory took.",
         &labels,
-        ended
-            .duration_since(started)
-            .map(|d| d.as_secs_f64())
-            .unwrap_or(0.0),
+        seconds_between(started, ended),
     );
     let problems = results.map(|r| r.iter().filter(|f| !f.ok).count());
     m.gauge(

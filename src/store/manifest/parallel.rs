@@ -34,6 +34,11 @@ fn on_rotating_disk(path: &Path) -> bool {
     .is_some_and(|v| v.trim() == "1")
 }
 
+/// Whether [`in_parts`] splits this much reading between threads (given more than one).
+pub fn worth_splitting(bytes: u64) -> bool {
+    bytes >= SPLIT_BYTES
+}
+
 /// How many threads re-read the file at `path`.
 pub fn readers(path: &Path) -> usize {
     if let Some(n) = std::env::var(READERS_ENV)
@@ -67,7 +72,7 @@ pub fn in_parts<T: Sync, S: Send, X: Send>(
         return Vec::new();
     }
     let total: u64 = items.iter().map(&weight).sum();
-    if states.len() == 1 || total < SPLIT_BYTES {
+    if states.len() == 1 || !worth_splitting(total) {
         return vec![work(&mut states[0], items, &|| false)];
     }
     let share = total.div_ceil(states.len() as u64);

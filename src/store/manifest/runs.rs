@@ -1,7 +1,7 @@
 //! Checksummed runs: what a manifest records, how runs are computed from an image (or from
 //! data as it is written), and how a recorded list is searched.
 
-use crate::store::manifest::parallel::{in_parts, readers};
+use crate::store::manifest::parallel::{in_parts, readers, worth_splitting};
 use anyhow::Result;
 use qcow2::{Chain, Format};
 use serde::{Deserialize, Serialize};
@@ -191,13 +191,18 @@ pub fn compute_runs_in(
     ranges: &[Range<u64>],
     block: u64,
 ) -> Result<Vec<CheckedRun>> {
-    let mut buffers: Vec<Vec<u8>> = (0..readers(Path::new(chain.top().path())))
-        .map(|_| Vec::new())
-        .collect();
+    // One reader until a batch is worth splitting: counting the readers stats the file and
+    // reads sysfs, too much for the one-block calls of `edit`'s fallback.
+    let mut buffers: Vec<Vec<u8>> = vec![Vec::new()];
+    let mut counted = false;
     let mut runs = Vec::new();
     let mut batch: Vec<Range<u64>> = Vec::new();
     let mut batch_bytes = 0u64;
     let mut hash_batch = |batch: &mut Vec<Range<u64>>, runs: &mut Vec<CheckedRun>| {
+        if !counted && worth_splitting(batch.iter().map(|p| p.end - p.start).sum()) {
+            buffers.resize_with(readers(Path::new(chain.top().path())), Vec::new);
+            counted = true;
+        }
         let parts = in_parts(
             &mut buffers,
             batch,
